@@ -1,0 +1,5 @@
+"""Optimizers that read ``p.sum_grad_squared``."""
+
+from truegrad.optim.tgadamw import MissingStatisticError, TGAdamW
+
+__all__ = ["MissingStatisticError", "TGAdamW"]

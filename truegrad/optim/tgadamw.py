@@ -1,0 +1,325 @@
+"""TGAdamW: AdamW whose second moment is the sum of squared per-sample gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import torch
+from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+
+from truegrad import statistic
+from truegrad.optim._functional import tgadamw
+
+__all__ = ["TGAdamW", "MissingStatisticError"]
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_true_sq")
+
+
+class MissingStatisticError(ValueError):
+    """A parameter has a gradient but no ``sum_grad_squared`` and ``default_to_adam=False``."""
+
+
+class TGAdamW(Optimizer):
+    r"""TrueGrad-AdamW (CONTRACT.md section 4).
+
+    AdamW keeps a running mean of the squared *mean* gradient. TGAdamW keeps, in
+    addition, a running mean of the *sum of squared per-sample gradients*
+    :math:`s_t = \sum_n g_{t,n}^2`, read from ``p.sum_grad_squared`` (written during
+    backward by a truegrad backend), and divides by its square root:
+
+    .. math::
+        \begin{aligned}
+            & m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+              v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \qquad
+              u_t = \beta_3 u_{t-1} + (1-\beta_3) s_t \\
+            & a_t = \frac{m_t / (1-\beta_1^t)}{\max\big(\sqrt{v_t / (1-\beta_2^t)}, \epsilon\big)},
+              \qquad
+              \tau_t = \frac{m_t / (1-\beta_1^t)}{\max\big(\sqrt{u_t / (1-\beta_3^t)}, \epsilon\big)} \\
+            & \textbf{if } \mathrm{graft}: \quad
+              \tau_t \leftarrow \tau_t \, \frac{\lVert a_t \rVert_2}{\lVert \tau_t \rVert_2 + \epsilon}
+              \quad \text{(norms per parameter tensor)} \\
+            & \theta_t = \theta_{t-1} - \gamma \lambda \theta_{t-1} - \gamma \tau_t
+        \end{aligned}
+
+    with learning rate :math:`\gamma`, weight decay :math:`\lambda` (decoupled, applied
+    once per step) and step :math:`t` counted per parameter. With ``graft=True`` the
+    update has Adam's per-tensor norm and the TrueGrad statistic only decides its
+    shape across coordinates, so the statistic's overall scale (mean versus sum loss,
+    batch size) does not matter.
+
+    A parameter with a gradient but without ``sum_grad_squared`` takes the AdamW update
+    :math:`a_t` when ``default_to_adam=True`` ("Partial TrueGrad"); otherwise
+    :meth:`step` raises :class:`MissingStatisticError` naming every such parameter,
+    before any parameter is changed. Parameters without a gradient are skipped.
+
+    Non-finite values are not replaced: the formula is evaluated with IEEE arithmetic
+    as AdamW evaluates its own, so a NaN in a gradient or statistic makes the
+    parameter NaN (the whole tensor when ``graft=True``), as a NaN gradient does in
+    ``torch.optim.AdamW``.
+
+    Args:
+        params: parameters, ``named_parameters()`` pairs (the names then appear in
+            error messages), or parameter groups.
+        lr: learning rate :math:`\gamma`.
+        betas: :math:`(\beta_1, \beta_2, \beta_3)`; a pair :math:`(\beta_1, \beta_2)`
+            uses :math:`\beta_3 = \beta_2`.
+        eps: :math:`\epsilon`, the floor of both denominators and of the grafting norm.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+        graft: rescale the TrueGrad update to the AdamW update's norm, per tensor.
+        default_to_adam: give parameters without a statistic the AdamW update
+            instead of raising.
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None``
+            chooses as ``torch.optim.AdamW`` does.
+        maximize: maximise the objective instead of minimising it.
+        fused: use the ``torch.compile``-fused implementation (one kernel pair per
+            parameter; compiled once on first use). ``None`` means ``False``.
+
+    State per parameter: ``step`` (a 0-d CPU float32 tensor, as in ``torch.optim.Adam``),
+    ``exp_avg`` (m), ``exp_avg_sq`` (v) and, once a statistic was seen,
+    ``exp_avg_true_sq`` (u). State of bf16/fp16 parameters is kept in float32, also
+    across ``load_state_dict``.
+
+    Example::
+
+        >>> import torch
+        >>> from truegrad import nn
+        >>> from truegrad.optim import TGAdamW
+        >>> model = torch.nn.Sequential(nn.Linear(3, 4), torch.nn.ReLU(), nn.Linear(4, 1))
+        >>> optim = TGAdamW(model.parameters())
+        >>> model(torch.randn(8, 3)).mean().backward()
+        >>> optim.step()
+        >>> optim.zero_grad()
+        >>> model[0].weight.sum_grad_squared is None
+        True
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] | tuple[float, float] = (0.9, 0.999, 0.999),
+        eps: float = 1e-12,
+        weight_decay: float = 1e-2,
+        graft: bool = True,
+        default_to_adam: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        *,
+        fused: bool | None = None,
+    ) -> None:
+        betas = _validate_betas(betas)
+        if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)):
+            raise TypeError(f"lr must be a float, got {type(lr).__name__}")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+        if foreach and fused:
+            raise ValueError("foreach and fused are mutually exclusive: set at most one to True")
+        defaults = dict(
+            lr=float(lr),
+            betas=betas,
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            graft=bool(graft),
+            default_to_adam=bool(default_to_adam),
+            foreach=foreach,
+            maximize=bool(maximize),
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise ValueError("TGAdamW does not support complex parameters")
+
+    # ------------------------------------------------------------------ groups/state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "betas" in param_group:
+            param_group["betas"] = _validate_betas(param_group["betas"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("graft", True)
+            group.setdefault("default_to_adam", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("fused", None)
+            group["betas"] = _validate_betas(group["betas"])
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as ``torch.optim.Optimizer`` does, keeping float32 moments of
+        low-precision parameters in float32 (torch's loader casts them to the
+        parameter's dtype, which would lose bits)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, saved_id in zip(params, saved_ids):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None or p.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for key in _STATE_KEYS:
+                value = saved.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype != p.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients as ``torch.optim.Optimizer`` does, and always clear
+        ``sum_grad_squared`` of every parameter of this optimizer (set to ``None``)."""
+        super().zero_grad(set_to_none=set_to_none)
+        statistic.clear(p for group in self.param_groups for p in group["params"])
+
+    # ------------------------------------------------------------------ step
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        stats: list[torch.Tensor | None],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        exp_avg_true_sqs: list[torch.Tensor | None],
+        state_steps: list[torch.Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("TGAdamW does not support sparse gradients")
+            state = self.state[p]
+            state_dtype = statistic.statistic_dtype(p.dtype)
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            stat = statistic.get(p)
+            if stat is not None and "exp_avg_true_sq" not in state:
+                state["exp_avg_true_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            stats.append(stat)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avg_true_sqs.append(state.get("exp_avg_true_sq") if stat is not None else None)
+            state_steps.append(state["step"])
+
+    def parameters_without_statistic(self, *, include_default_to_adam: bool = True) -> list[str]:
+        """Describe every parameter that has a gradient but no ``sum_grad_squared``.
+
+        Each entry reads ``"'<qualified name>' (index i, shape (..))"``, or
+        ``"parameter (index i, shape (..))"`` when the optimizer was not given
+        ``named_parameters()``. The index counts parameters across groups, as in
+        ``state_dict()``.
+
+        Args:
+            include_default_to_adam: also list parameters of groups with
+                ``default_to_adam=True`` (which take the AdamW update).
+        """
+        missing = []
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            check = include_default_to_adam or not group["default_to_adam"]
+            for j, p in enumerate(group["params"]):
+                if check and p.grad is not None and not statistic.has(p):
+                    missing.append(_describe(p, index + j, names[j] if names else None))
+            index += len(group["params"])
+        return missing
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called first, with
+                gradients enabled, before any gradient or statistic is read.
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            MissingStatisticError: a parameter has a gradient but no statistic and its
+                group has ``default_to_adam=False``; no parameter is changed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        missing = self.parameters_without_statistic(include_default_to_adam=False)
+        if missing:
+            raise MissingStatisticError(
+                f"TGAdamW: {len(missing)} parameter(s) have a gradient but no sum_grad_squared: "
+                + "; ".join(missing)
+                + ". Compute the statistic for them with a truegrad backend (truegrad.nn "
+                "modules, truegrad.utils.patch_torch(), truegrad.utils.patch_model() or the "
+                "BackPack backend), or pass default_to_adam=True to give such parameters the "
+                "AdamW update."
+            )
+
+        collected = []
+        for group in self.param_groups:
+            lists: tuple[list, ...] = ([], [], [], [], [], [], [])
+            self._init_group(group, *lists)
+            collected.append((group, lists))
+
+        for group, (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, steps) in collected:
+            if not params:
+                continue
+            foreach, fused = group["foreach"], group["fused"]
+            if foreach is None and not fused:
+                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+            beta1, beta2, beta3 = group["betas"]
+            tgadamw(
+                params,
+                grads,
+                stats,
+                exp_avgs,
+                exp_avg_sqs,
+                exp_avg_true_sqs,
+                steps,
+                foreach=bool(foreach),
+                fused=bool(fused),
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                beta3=beta3,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                graft=group["graft"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+def _describe(p: torch.Tensor, index: int, name: str | None) -> str:
+    where = f"index {index}, shape {tuple(p.shape)}"
+    return f"{name!r} ({where})" if name else f"parameter {where}"
+
+
+def _validate_betas(betas: Any) -> tuple[float, float, float]:
+    if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a tuple of 2 or 3 floats, got {betas!r}")
+    if len(betas) == 2:
+        betas = (betas[0], betas[1], betas[1])
+    if len(betas) != 3:
+        raise ValueError(f"betas must have 2 or 3 elements (beta1, beta2[, beta3]), got {len(betas)}: {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)):
+            raise TypeError(f"Invalid beta parameter at index {i}: {beta!r} (must be a float)")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+    return cast(tuple[float, float, float], tuple(float(b) for b in betas))

@@ -1,0 +1,116 @@
+"""The one writer of ``p.sum_grad_squared``.
+
+Every backend adds per-backward contributions through :func:`add` (or
+:func:`add_sum_of_squares`), the Lightning callback rescales through
+:func:`scale_`, and the optimizer reads through :func:`get` and clears through
+:func:`clear`. Nothing else touches the attribute, so its invariants
+(CONTRACT.md section 2) hold in one place:
+
+* the statistic has the parameter's shape and lives on the gradient's device;
+* it is kept in float32 (float64 for a float64 parameter), never half precision,
+  so squares of fp16/bf16 gradients neither overflow nor underflow;
+* it accumulates across backward passes exactly as ``p.grad`` does;
+* it is ``None`` (absent) after the optimizer clears gradients, and frozen
+  parameters never get it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = [
+    "ATTRIBUTE",
+    "add",
+    "add_sum_of_squares",
+    "clear",
+    "get",
+    "has",
+    "scale_",
+    "statistic_dtype",
+]
+
+#: Name of the attribute that holds the statistic on each parameter.
+ATTRIBUTE = "sum_grad_squared"
+
+
+def statistic_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype the statistic of a parameter of ``dtype`` is kept in.
+
+    float64 parameters keep a float64 statistic; every other floating dtype
+    (float32, bfloat16, float16) keeps float32.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def get(param: torch.Tensor) -> torch.Tensor | None:
+    """Return ``param.sum_grad_squared`` or ``None`` when the parameter has none."""
+    return getattr(param, ATTRIBUTE, None)
+
+
+def has(param: torch.Tensor) -> bool:
+    """Whether ``param`` currently carries a statistic (a Python check, no host sync)."""
+    return get(param) is not None
+
+
+def add(param: torch.Tensor, contribution: torch.Tensor) -> None:
+    """Add ``contribution`` (already ``sum_n g_n**2``, shape of ``param``) to the statistic.
+
+    The statistic is created lazily on ``contribution``'s device in
+    :func:`statistic_dtype` of the parameter; later contributions are cast and
+    added in place. ``contribution`` is never aliased: the first call copies it.
+
+    Args:
+        param: the parameter (a leaf tensor with ``requires_grad=True``).
+        contribution: tensor of ``param.shape``, the sum over the samples of one
+            backward pass of the squared per-sample gradients.
+
+    Raises:
+        ValueError: if the shape of ``contribution`` differs from ``param``'s.
+    """
+    if contribution.shape != param.shape:
+        raise ValueError(
+            f"sum_grad_squared contribution of shape {tuple(contribution.shape)} does not match "
+            f"the parameter's shape {tuple(param.shape)}"
+        )
+    if not param.requires_grad:
+        return
+    dtype = statistic_dtype(param.dtype)
+    current = get(param)
+    if current is None:
+        # ``to(copy=True)`` guarantees a fresh tensor even when dtype/device already match.
+        setattr(param, ATTRIBUTE, contribution.detach().to(dtype=dtype, copy=True))
+    else:
+        current.add_(contribution.detach().to(device=current.device, dtype=dtype))
+
+
+def add_sum_of_squares(param: torch.Tensor, per_sample: torch.Tensor) -> None:
+    """Add ``sum_n per_sample[n] ** 2`` (computed in float32 or better) to the statistic.
+
+    Args:
+        param: the parameter.
+        per_sample: per-sample gradients of shape ``(N, *param.shape)``.
+    """
+    dtype = statistic_dtype(param.dtype)
+    per_sample = per_sample.detach().to(dtype)
+    add(param, torch.einsum("n...,n...->...", per_sample, per_sample))
+
+
+def scale_(params: Iterable[torch.Tensor], factor: float | torch.Tensor) -> None:
+    """Multiply every present statistic of ``params`` by ``factor`` in place.
+
+    ``factor`` may be a 0-d tensor (e.g. ``1 / S**2`` of a GradScaler) so that no
+    host synchronisation is needed.
+    """
+    for param in params:
+        current = get(param)
+        if current is not None:
+            current.mul_(factor)
+
+
+def clear(params: Iterable[torch.Tensor]) -> None:
+    """Set the statistic of every parameter in ``params`` to ``None``."""
+    for param in params:
+        if get(param) is not None:
+            setattr(param, ATTRIBUTE, None)

@@ -1,0 +1,412 @@
+"""Exact oracles for ``p.sum_grad_squared`` (CONTRACT.md section 1).
+
+Users check their own models with these, and every backend of truegrad is tested
+against them.
+
+Definition. For a batch of N samples with loss ``L`` (any reduction), let ``y`` be
+the model output and ``dL/dy`` the full-batch output gradient. The gradient that
+sample ``n`` contributes to a parameter ``p`` is the vector-Jacobian product
+
+    g_n = (dy_n/dp)^T (dL/dy)_n,
+
+so that ``sum_n g_n == p.grad`` and a ``mean`` loss puts its 1/N into every g_n.
+The statistic is ``sum_n g_n ** 2``.
+
+Two independent implementations are provided:
+
+* :func:`per_sample_grads` uses ``torch.func`` (``vmap`` of ``vjp`` over
+  ``functional_call``), chunked with ``chunk_size`` to bound memory;
+* :func:`per_sample_grads_loop` runs one plain autograd backward per sample and
+  uses no ``torch.func`` at all (slow; a cross-check).
+
+Both assume that samples do not interact (no BatchNorm in training mode, no mixing
+across the batch dimension); a model that violates this is rejected with a
+``ValueError``. For such layers use a layer-level oracle such as
+:func:`layer_sum_grad_squared`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.utils import _pytree as pytree
+
+from truegrad import statistic
+
+__all__ = [
+    "OracleResult",
+    "assert_matches_oracle",
+    "compare_to_oracle",
+    "layer_sum_grad_squared",
+    "per_sample_grads",
+    "per_sample_grads_loop",
+    "sum_grad_squared_oracle",
+]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+Inputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleResult:
+    """Reference values for every trainable parameter, keyed by qualified name.
+
+    Attributes:
+        grad: ``sum_n g_n`` (equals what ``loss.backward()`` puts into ``p.grad``).
+        sum_grad_squared: ``sum_n g_n ** 2`` in the statistic's dtype.
+    """
+
+    grad: dict[str, torch.Tensor]
+    sum_grad_squared: dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters by qualified name; a tied parameter appears once."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_independent_samples(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}) is in training mode: its samples "
+                "interact through the batch statistics, so the per-sample oracle does not "
+                "apply. Call model.eval() for a per-sample oracle, or use "
+                "truegrad.testing.layer_sum_grad_squared for the layer-level one."
+            )
+
+
+def _as_args(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    return tuple(inputs), {}
+
+
+def _batch_size(args: Any, batch_dim: int) -> int:
+    leaves = [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        raise ValueError("inputs contain no tensor, so there is no batch dimension")
+    sizes = {x.shape[batch_dim] for x in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"inputs disagree on the batch size along dim {batch_dim}: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _select(tree: Any, index: int, batch_dim: int) -> Any:
+    """Sample ``index`` of every tensor leaf, keeping a batch dimension of size 1."""
+    return pytree.tree_map(
+        lambda x: x.narrow(batch_dim, index, 1) if isinstance(x, torch.Tensor) else x, tree
+    )
+
+
+def _output_grad(
+    model: torch.nn.Module, loss_fn: LossFn, args: tuple, kwargs: dict, targets: Any
+) -> tuple[Any, Any]:
+    """Full-batch output and ``dL/d output`` (same pytree structure, ``None`` leaves kept)."""
+    with torch.enable_grad():
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        output = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        leaves, spec = pytree.tree_flatten(output)
+        float_leaves = [
+            x.detach().requires_grad_(True)
+            if isinstance(x, torch.Tensor) and x.is_floating_point()
+            else x
+            for x in leaves
+        ]
+        output = pytree.tree_unflatten(float_leaves, spec)
+        loss = loss_fn(output, targets)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn must return a scalar tensor")
+        wrt = [x for x in float_leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads_iter = iter(grads)
+    grad_leaves = []
+    for x in float_leaves:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            g = next(grads_iter)
+            grad_leaves.append(torch.zeros_like(x) if g is None else g.detach())
+        else:
+            grad_leaves.append(None)
+    return output, pytree.tree_unflatten(grad_leaves, spec)
+
+
+def _float_pairs(output: Any, grad_output: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    outs, grads = [], []
+    for y, g in zip(pytree.tree_leaves(output), pytree.tree_leaves(grad_output, is_leaf=lambda x: x is None)):
+        if g is not None:
+            outs.append(y)
+            grads.append(g)
+    return outs, grads
+
+
+def _squared_sum(per_sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    wide = per_sample.to(torch.float64)
+    return wide.square().sum(0).to(dtype)
+
+
+# --------------------------------------------------------------------------- oracles
+
+
+def per_sample_grads(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any = None,
+    *,
+    batch_dim: int = 0,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``g_n`` of every trainable parameter, with ``torch.func``.
+
+    Args:
+        model: the model; its parameters and buffers are read, never changed.
+        loss_fn: ``loss_fn(model_output, targets) -> scalar``; any reduction.
+        inputs: a tensor, a sequence of positional arguments, or a mapping of keyword
+            arguments; every tensor is batched along ``batch_dim``.
+        targets: passed to ``loss_fn`` unchanged (the loss sees the whole batch).
+        batch_dim: the batch dimension of the inputs and of the outputs.
+        chunk_size: number of samples vectorised at once (``None``: all), to bound memory.
+
+    Returns:
+        ``{qualified name: tensor of shape (N, *p.shape)}`` in the parameter's dtype.
+
+    Raises:
+        ValueError: if samples interact (BatchNorm in training mode) or inputs are malformed.
+    """
+    _check_independent_samples(model)
+    args, kwargs = _as_args(inputs)
+    _batch_size((args, kwargs), batch_dim)
+    params = {n: p.detach() for n, p in _trainable(model).items()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = {n: b for n, b in model.named_buffers()}
+    _, grad_output = _output_grad(model, loss_fn, args, kwargs, targets)
+
+    def one_sample(sample_args: tuple, sample_kwargs: dict, sample_grad_out: Any) -> dict:
+        batched = pytree.tree_map(
+            lambda x: x.unsqueeze(batch_dim) if isinstance(x, torch.Tensor) else x,
+            (sample_args, sample_kwargs, sample_grad_out),
+        )
+        b_args, b_kwargs, b_grad_out = batched
+
+        def forward(trainable: dict) -> list[torch.Tensor]:
+            out = torch.func.functional_call(
+                model, {**trainable, **frozen, **buffers}, b_args, b_kwargs, strict=False
+            )
+            outs, _ = _float_pairs(out, b_grad_out)
+            return outs
+
+        outs, vjp_fn = torch.func.vjp(forward, params)
+        _, grads = _float_pairs(outs, b_grad_out)
+        return vjp_fn(grads)[0]
+
+    in_dims = pytree.tree_map(
+        lambda x: batch_dim if isinstance(x, torch.Tensor) else None,
+        (args, kwargs, grad_output),
+        is_leaf=lambda x: x is None,
+    )
+    result = torch.func.vmap(
+        one_sample, in_dims=in_dims, out_dims=0, randomness="error", chunk_size=chunk_size
+    )(args, kwargs, grad_output)
+    return dict(result)
+
+
+def per_sample_grads_loop(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any = None,
+    *,
+    batch_dim: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The same as :func:`per_sample_grads` with one plain autograd backward per sample.
+
+    Uses no ``torch.func``; the model is run on each sample alone and
+    ``torch.autograd.grad`` is taken with that sample's slice of the full-batch
+    output gradient. Slow, plainly correct, and independent of ``torch.func``.
+    """
+    _check_independent_samples(model)
+    args, kwargs = _as_args(inputs)
+    n_samples = _batch_size((args, kwargs), batch_dim)
+    params = _trainable(model)
+    _, grad_output = _output_grad(model, loss_fn, args, kwargs, targets)
+    per_sample: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+    for index in range(n_samples):
+        s_args, s_kwargs = _select((args, kwargs), index, batch_dim)
+        s_grad_out = pytree.tree_map(
+            lambda x: x.narrow(batch_dim, index, 1) if isinstance(x, torch.Tensor) else x,
+            grad_output,
+            is_leaf=lambda x: x is None,
+        )
+        with torch.enable_grad():
+            out = model(*s_args, **s_kwargs)
+            outs, grads = _float_pairs(out, s_grad_out)
+            g = torch.autograd.grad(outs, list(params.values()), grads, allow_unused=True)
+        for (name, p), gi in zip(params.items(), g):
+            per_sample[name].append(torch.zeros_like(p) if gi is None else gi.detach())
+    return {name: torch.stack(gs) for name, gs in per_sample.items()}
+
+
+def sum_grad_squared_oracle(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any = None,
+    *,
+    batch_dim: int = 0,
+    chunk_size: int | None = None,
+    method: Literal["func", "loop"] = "func",
+) -> OracleResult:
+    """``sum_n g_n`` and ``sum_n g_n ** 2`` for every trainable parameter.
+
+    The squares are summed in float64 and returned in the statistic's dtype
+    (float32, or float64 for float64 parameters). ``method="loop"`` uses
+    :func:`per_sample_grads_loop` instead of ``torch.func``.
+    """
+    if method == "func":
+        grads = per_sample_grads(
+            model, loss_fn, inputs, targets, batch_dim=batch_dim, chunk_size=chunk_size
+        )
+    elif method == "loop":
+        grads = per_sample_grads_loop(model, loss_fn, inputs, targets, batch_dim=batch_dim)
+    else:
+        raise ValueError(f"method must be 'func' or 'loop', got {method!r}")
+    return OracleResult(
+        grad={n: g.sum(0) for n, g in grads.items()},
+        sum_grad_squared={
+            n: _squared_sum(g, statistic.statistic_dtype(g.dtype)) for n, g in grads.items()
+        },
+    )
+
+
+def layer_sum_grad_squared(
+    per_sample_weight_grads: torch.Tensor,
+) -> torch.Tensor:
+    """Layer-level oracle: ``sum_n G[n] ** 2`` of a layer's own per-sample split.
+
+    For layers whose samples interact (BatchNorm in training mode) ``g_n`` is the
+    op's own per-sample split of its weight gradient: capture the layer's input and
+    output gradient, form the per-sample products (shape ``(N, *p.shape)``) and
+    pass them here. Summed in float64, returned in float32/float64.
+    """
+    return _squared_sum(per_sample_weight_grads, statistic.statistic_dtype(per_sample_weight_grads.dtype))
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _mismatch(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol_factor: float
+) -> float | None:
+    """Relative error ``max|a-e| / max|e|`` if the tolerance is violated, else ``None``."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    scale = e.abs().max() if e.numel() else torch.tensor(0.0, dtype=torch.float64)
+    diff = (a - e).abs()
+    bound = atol_factor * scale + rtol * e.abs()
+    if bool((diff <= bound).all()) and bool(torch.isfinite(a).all()):
+        return None
+    denom = float(scale) if float(scale) > 0 else 1.0
+    return float(diff.max()) / denom if diff.numel() else float("inf")
+
+
+def compare_to_oracle(
+    model: torch.nn.Module,
+    expected: OracleResult,
+    *,
+    rtol: float = 1e-4,
+    atol_factor: float = 1e-6,
+    check_grad: bool = True,
+    params: Iterable[str] | None = None,
+) -> list[str]:
+    """Compare ``p.sum_grad_squared`` (and ``p.grad``) of ``model`` with ``expected``.
+
+    A value matches when ``|actual - expected| <= atol_factor * max|expected| + rtol *
+    |expected|`` elementwise (CONTRACT.md: rtol 1e-4, atol 1e-6 times the largest value).
+
+    Args:
+        params: names to check (default: every parameter in ``expected``); a checked
+            parameter without a statistic is a mismatch.
+
+    Returns:
+        One line per mismatch (empty when everything matches).
+    """
+    names = list(expected.sum_grad_squared) if params is None else list(params)
+    model_params = dict(model.named_parameters())
+    problems: list[str] = []
+    for name in names:
+        if name not in model_params:
+            problems.append(f"{name}: no such parameter in the model")
+            continue
+        p = model_params[name]
+        sgs = statistic.get(p)
+        if sgs is None:
+            problems.append(f"{name}: has no sum_grad_squared")
+        else:
+            err = _mismatch(sgs, expected.sum_grad_squared[name], rtol, atol_factor)
+            if err is not None:
+                problems.append(f"{name}: sum_grad_squared relative error {err:.3e}")
+            if sgs.dtype != statistic.statistic_dtype(p.dtype):
+                problems.append(f"{name}: sum_grad_squared has dtype {sgs.dtype}")
+        if check_grad:
+            if p.grad is None:
+                problems.append(f"{name}: has no grad")
+            else:
+                err = _mismatch(p.grad, expected.grad[name], rtol, atol_factor)
+                if err is not None:
+                    problems.append(f"{name}: grad relative error {err:.3e}")
+    return problems
+
+
+def assert_matches_oracle(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any = None,
+    *,
+    run_backward: bool = True,
+    rtol: float = 1e-4,
+    atol_factor: float = 1e-6,
+    check_grad: bool = True,
+    params: Iterable[str] | None = None,
+    batch_dim: int = 0,
+    chunk_size: int | None = None,
+) -> None:
+    """Check a model's statistic and gradient against the exact ``torch.func`` oracle.
+
+    With ``run_backward=True`` the gradients and statistics of the model are cleared,
+    one forward/backward of ``loss_fn(model(inputs), targets)`` is run (through
+    whatever backend the model uses), and the result is compared; otherwise the
+    values already on the parameters are compared.
+
+    Raises:
+        AssertionError: one error listing every mismatching parameter by qualified
+            name with its relative error.
+    """
+    expected = sum_grad_squared_oracle(
+        model, loss_fn, inputs, targets, batch_dim=batch_dim, chunk_size=chunk_size
+    )
+    if run_backward:
+        trainable = list(_trainable(model).values())
+        for p in trainable:
+            p.grad = None
+        statistic.clear(trainable)
+        args, kwargs = _as_args(inputs)
+        loss_fn(model(*args, **kwargs), targets).backward()
+    problems = compare_to_oracle(
+        model, expected, rtol=rtol, atol_factor=atol_factor, check_grad=check_grad, params=params
+    )
+    if problems:
+        raise AssertionError(
+            f"{len(problems)} mismatch(es) against the exact oracle "
+            f"(rtol={rtol}, atol={atol_factor} x max):\n  " + "\n  ".join(problems)
+        )

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv with everything the tests,
+# the CLI and the benchmarks need. Idempotent; safe to run on a fresh machine with only
+# Python 3.11. Environment knobs:
+#   PYTHON      interpreter used to create the venv (default: python3.11, else python3)
+#   VENV        where the venv lives (default: .venv)
+#   TORCH_SPEC  the torch requirement installed first (default: torch==2.13.0, a CPU wheel here)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+pip_install() {
+    # pip's index warnings about unreadable local mirrors are noise; real errors still fail the step.
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+        | { grep -v -E "^WARNING: Location '.*' is ignored" || true; }
+    return "${PIPESTATUS[0]}"
+}
+
+# 1. torch first, so that nothing later pulls a CUDA build (a bare `torch` requirement would).
+echo "[setup] installing $TORCH_SPEC"
+pip_install "$TORCH_SPEC"
+# 2. backpack-for-pytorch declares torchvision, which does not exist for this torch build
+#    and breaks `import lightning`: install it without dependencies (its real ones follow).
+pip_install --no-deps "backpack-for-pytorch>=1.7"
+# 3. the project itself, editable, with its extras.
+echo "[setup] installing truegrad[lightning,test,bench]"
+pip_install -e ".[lightning,test,bench]" einops unfoldNd
+
+bad=$("$VENV/bin/python" -m pip list 2>/dev/null | grep -i -E "^(nvidia-|torchvision )" || true)
+if [ -n "$bad" ]; then
+    echo "[setup] ERROR: packages that must not be installed (CUDA torch or torchvision):" >&2
+    echo "$bad" >&2
+    exit 1
+fi
+"$VENV/bin/python" -c "import torch, lightning.pytorch, backpack, truegrad; print('[setup] ok: torch', torch.__version__, '| lightning', lightning.pytorch.__version__)"

@@ -1,0 +1,59 @@
+"""The statistic module: the one writer of p.sum_grad_squared (CONTRACT.md section 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from truegrad import statistic
+
+
+def test_add_creates_a_float32_copy_and_accumulates() -> None:
+    p = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16))
+    c = torch.full((3, 2), 2.0, dtype=torch.bfloat16)
+    statistic.add(p, c)
+    s = statistic.get(p)
+    assert s is not None and s.dtype == torch.float32 and s.shape == p.shape
+    c.fill_(100.0)  # no aliasing of the first contribution
+    assert torch.equal(s, torch.full((3, 2), 2.0))
+    statistic.add(p, torch.full((3, 2), 0.5))
+    assert torch.equal(statistic.get(p), torch.full((3, 2), 2.5))
+
+
+def test_float64_parameter_keeps_float64() -> None:
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    statistic.add(p, torch.ones(4, dtype=torch.float64) / 3)
+    assert statistic.get(p).dtype == torch.float64
+    assert statistic.get(p)[0].item() == 1 / 3
+
+
+def test_add_sum_of_squares_is_exact_in_float32_for_fp16_extremes() -> None:
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    per_sample = torch.tensor([[60000.0, 1e-4], [60000.0, 1e-4]], dtype=torch.float16)
+    statistic.add_sum_of_squares(p, per_sample)
+    expected = 2 * per_sample[0].float() ** 2
+    torch.testing.assert_close(statistic.get(p), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(statistic.get(p)).all() and (statistic.get(p) > 0).all()
+
+
+def test_shape_mismatch_is_a_clear_error() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"contribution of shape \(4,\) does not match .* \(3,\)"):
+        statistic.add(p, torch.zeros(4))
+
+
+def test_frozen_parameter_never_gets_it() -> None:
+    p = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    statistic.add(p, torch.ones(3))
+    assert not statistic.has(p)
+
+
+def test_clear_and_scale() -> None:
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    statistic.add(ps[0], torch.ones(2))
+    statistic.add(ps[1], torch.full((2,), 3.0))
+    statistic.scale_(ps, torch.tensor(0.25))
+    assert torch.equal(statistic.get(ps[1]), torch.full((2,), 0.75))
+    assert statistic.get(ps[2]) is None
+    statistic.clear(ps)
+    assert all(getattr(p, statistic.ATTRIBUTE, None) is None for p in ps)

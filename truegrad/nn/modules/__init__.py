@@ -1,0 +1,1 @@
+"""Drop-in subclasses of ``torch.nn`` modules, grouped by layer family."""

@@ -1,0 +1,155 @@
+"""What every rule shares: which tensors get a statistic, and how a rule hands it over.
+
+A rule's ``backward`` computes gradients exactly as torch does and then calls
+:func:`contribute` once per parameter with
+
+* ``per_sample(start, stop)``: the per-sample gradients of samples ``start:stop``,
+  shape ``(stop - start, *param.shape)``, in float32 (float64 for float64 params);
+* optionally ``squared()``: ``sum_n g_n**2`` computed by a cheaper exact route
+  (e.g. one matmul on squared operands for a Linear on 2-D input).
+
+:func:`contribute` squares and sums in chunks of samples bounded by
+``truegrad.nn.settings.chunk_bytes`` and writes through :mod:`truegrad.statistic`.
+
+Parameters used more than once in one forward (tied weights, a module called
+twice) are counted in forward by :func:`record_use`. Their per-sample gradients
+are kept until the last use's backward has arrived, summed, and only then squared,
+so the statistic stays exact; a post-accumulate-grad hook finalises whatever is
+pending when the parameter's gradient is complete. If keeping them would exceed
+the memory bound, the per-use squares are added instead and a warning names the
+parameter (an approximation, never silent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from torch.utils.weak import WeakIdKeyDictionary
+from collections.abc import Callable
+
+import torch
+
+from truegrad import _names, statistic
+from truegrad.nn import settings
+
+__all__ = [
+    "compute_dtype_of",
+    "contribute",
+    "forget",
+    "in_functorch",
+    "record_use",
+    "stat_dtype",
+    "tracked",
+]
+
+PerSample = Callable[[int, int], torch.Tensor]
+
+
+def in_functorch() -> bool:
+    """Whether we run inside a ``torch.func`` transform (then no statistic is written)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def tracked(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if it is a trainable leaf (a parameter that gets a statistic), else ``None``."""
+    if t is None or not isinstance(t, torch.Tensor) or not t.requires_grad or not t.is_leaf:
+        return None
+    return t
+
+
+def stat_dtype(param: torch.Tensor) -> torch.dtype:
+    return statistic.statistic_dtype(param.dtype)
+
+
+def compute_dtype_of(output: torch.Tensor) -> torch.dtype:
+    return output.dtype
+
+
+@dataclasses.dataclass
+class _UseState:
+    uses: int = 0
+    pending: torch.Tensor | None = None
+    hook: torch.utils.hooks.RemovableHandle | None = None
+
+
+_STATE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _finalize(param: torch.Tensor) -> None:
+    state = _STATE.get(param)
+    if state is None:
+        return
+    if state.pending is not None:
+        statistic.add_sum_of_squares(param, state.pending)
+    state.pending = None
+    state.uses = 0
+
+
+def record_use(param: torch.Tensor | None) -> None:
+    """Count one use of ``param`` in the forward that is being recorded for backward."""
+    if param is None or in_functorch():
+        return
+    state = _STATE.get(param)
+    if state is None:
+        state = _STATE[param] = _UseState()
+    if state.hook is None:
+        state.hook = param.register_post_accumulate_grad_hook(_finalize)
+    state.uses += 1
+
+
+def forget(params: list[torch.Tensor]) -> None:
+    """Drop use counts and hooks of ``params`` (used by conversions' ``undo``)."""
+    for param in params:
+        state = _STATE.pop(param, None)
+        if state is not None and state.hook is not None:
+            state.hook.remove()
+
+
+def contribute(
+    param: torch.Tensor | None,
+    n_samples: int,
+    per_sample: PerSample,
+    squared: Callable[[], torch.Tensor] | None = None,
+) -> None:
+    """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
+
+    Args:
+        param: the parameter (``None``: nothing to do).
+        n_samples: N, the number of samples of this use.
+        per_sample: ``per_sample(start, stop) -> (stop - start, *param.shape)``.
+        squared: optional exact shortcut returning ``sum_n g_n**2`` directly.
+    """
+    if param is None or in_functorch():
+        return
+    state = _STATE.get(param)
+    remaining = state.uses if state is not None else 0
+    if state is not None:
+        state.uses = max(0, state.uses - 1)
+    shared = remaining > 1 or (state is not None and state.pending is not None)
+    if shared:
+        assert state is not None
+        pending_bytes = n_samples * param.numel() * 4
+        same_n = state.pending is None or state.pending.shape[0] == n_samples
+        if pending_bytes <= settings.chunk_bytes and same_n:
+            grads = per_sample(0, n_samples)
+            state.pending = grads if state.pending is None else state.pending.add_(grads)
+            if state.uses == 0:
+                _finalize(param)
+            return
+        warnings.warn(
+            f"truegrad: {_names.describe(param)} is used more than once in one forward and its "
+            f"per-sample gradients ({pending_bytes} bytes) do not fit in "
+            f"truegrad.nn.settings.chunk_bytes ({settings.chunk_bytes} bytes)"
+            + ("" if same_n else " or the uses have different batch sizes")
+            + ": its sum_grad_squared adds the squares of each use separately, which is an "
+            "approximation. Raise chunk_bytes to get the exact statistic.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if squared is not None:
+        statistic.add(param, squared())
+        return
+    per_sample_bytes = max(1, param.numel() * 4 * 2)
+    chunk = max(1, settings.chunk_bytes // per_sample_bytes)
+    for start in range(0, n_samples, chunk):
+        statistic.add_sum_of_squares(param, per_sample(start, min(n_samples, start + chunk)))

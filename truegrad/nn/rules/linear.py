@@ -1,0 +1,115 @@
+"""Linear: ``y = x W^T + b`` with the exact per-sample statistic.
+
+Shapes: ``x (N, *, I)`` (or ``(I,)``: one sample), ``W (O, I)``, ``b (O,)``, ``y (N, *, O)``.
+With ``dy`` the output gradient, sample n contributes
+
+    g_n(W) = sum_t dy[n, t]^T x[n, t]   (O, I)        g_n(b) = sum_t dy[n, t]   (O,)
+
+over its positions t. For 2-D input (one position per sample) the statistic is one
+extra matmul on squared operands, ``(dy**2)^T (x**2)``, exact there. Otherwise the
+per-sample products are formed with ``bmm`` in chunks of samples (see
+``truegrad.nn.settings.chunk_bytes``), squared and summed. Gradients are computed with
+the very ops torch's own backward uses, so ``p.grad`` is bitwise torch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from truegrad.nn import settings
+from truegrad.nn.rules import base
+
+__all__ = ["LinearFunction", "linear"]
+
+
+class LinearFunction(torch.autograd.Function):
+    """``F.linear`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, granularity: str
+    ) -> torch.Tensor:
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        input, weight, bias, granularity = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.compute_dtype = output.dtype
+        ctx.granularity = granularity
+        ctx.weight_param = base.tracked(weight)
+        ctx.bias_param = base.tracked(bias)
+        base.record_use(ctx.weight_param)
+        base.record_use(ctx.bias_param)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad_input = grad_weight = grad_bias = None
+        out_features, in_features = weight.shape
+        dy = grad_output.reshape(-1, out_features)
+        x = input.to(dtype).reshape(-1, in_features)
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output @ weight.to(dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (dy.t() @ x).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy.sum(0).to(ctx.bias_dtype)
+        if ctx.weight_param is not None or ctx.bias_param is not None:
+            _statistic(ctx, input, grad_output, weight.dtype)
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_dtype: torch.dtype) -> None:
+    sdt = torch.float64 if param_dtype == torch.float64 else torch.float32
+    out_features = grad_output.shape[-1]
+    in_features = input.shape[-1]
+    n = 1 if input.dim() == 1 else input.shape[0]
+    per_position = input.dim() <= 2 or ctx.granularity == "position"
+    if per_position:
+        dy = grad_output.reshape(-1, out_features).to(sdt)
+        x = input.reshape(-1, in_features).to(sdt)
+        dy2 = dy.square()
+        base.contribute(
+            ctx.weight_param,
+            n,
+            lambda s, e: dy[s:e, :, None] * x[s:e, None, :],
+            lambda: dy2.t() @ x.square(),
+        )
+        base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0))
+        return
+    dy3 = grad_output.reshape(n, -1, out_features).to(sdt)
+    x3 = input.reshape(n, -1, in_features).to(sdt)
+    base.contribute(ctx.weight_param, n, lambda s, e: torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e]))
+    base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1))
+
+
+def linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    granularity: settings.Granularity | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.linear`` that also writes ``sum_grad_squared``.
+
+    Args:
+        input: ``(N, *, in_features)``; dim 0 indexes samples (a 1-D input is one sample).
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or ``None``.
+        granularity: ``None`` (the process-wide setting), ``"sample"`` (exact) or
+            ``"position"`` (per-position approximation, opt-in).
+
+    Returns:
+        ``(N, *, out_features)``, exactly ``F.linear(input, weight, bias)``.
+    """
+    if not torch.is_grad_enabled() or (base.tracked(weight) is None and base.tracked(bias) is None):
+        return F.linear(input, weight, bias)
+    return LinearFunction.apply(input, weight, bias, settings.resolve_granularity(granularity))

@@ -1,0 +1,62 @@
+"""Process-wide settings of the ``truegrad.nn`` backend.
+
+``chunk_bytes``
+    Upper bound (default 256 MiB) on the extra memory that per-sample
+    intermediates may take during one layer's backward. A Linear on ``(B, T, D)``
+    needs the per-sample products ``dy_b^T x_b`` (one weight-sized matrix per
+    sample); they are formed for as many samples at once as fit in the bound and
+    squared and summed before the next chunk. At least one sample is always
+    formed, so a single weight larger than the bound still works.
+
+``granularity``
+    ``"sample"`` (default, exact, CONTRACT.md section 1): a sample's contributions
+    are summed over all of its positions before squaring. ``"position"``: every
+    position (token, pixel) counts as its own sample. Cheaper in memory, but an
+    *approximation*: it can be wrong by orders of magnitude where per-sample
+    contributions cancel (an attention bias). Opt-in only, never the default. A module's own
+    ``granularity`` attribute (``None`` by default) overrides this setting.
+
+Use :func:`configure` as a context manager to change them temporarily::
+
+    with truegrad.nn.settings.configure(chunk_bytes=64 * 2**20):
+        loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+__all__ = ["Granularity", "chunk_bytes", "configure", "granularity", "resolve_granularity"]
+
+Granularity = Literal["sample", "position"]
+_GRANULARITIES = ("sample", "position")
+
+chunk_bytes: int = 256 * 2**20
+granularity: Granularity = "sample"
+
+
+def resolve_granularity(value: Granularity | None) -> Granularity:
+    """Return ``value`` or, if ``None``, the process-wide setting; validate it."""
+    value = granularity if value is None else value
+    if value not in _GRANULARITIES:
+        raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def configure(*, chunk_bytes: int | None = None, granularity: Granularity | None = None) -> Iterator[None]:
+    """Temporarily change the settings; the previous values are restored on exit."""
+    global_vars = globals()
+    previous = {"chunk_bytes": global_vars["chunk_bytes"], "granularity": global_vars["granularity"]}
+    if chunk_bytes is not None:
+        if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        global_vars["chunk_bytes"] = chunk_bytes
+    if granularity is not None:
+        global_vars["granularity"] = resolve_granularity(granularity)
+    try:
+        yield
+    finally:
+        global_vars.update(previous)

@@ -19,6 +19,9 @@ Two independent implementations are provided:
 * :func:`per_sample_grads_loop` runs one plain autograd backward per sample and
   uses no ``torch.func`` at all (slow; a cross-check).
 
+Both run inside ``truegrad._bypass.bypass()``: a model built from truegrad modules is
+differentiated by torch's own ops, so the oracle never shares code with a backend.
+
 Both assume that samples do not interact (no BatchNorm in training mode, no mixing
 across the batch dimension); a model that violates this is rejected with a
 ``ValueError``. For such layers use a layer-level oracle such as
@@ -34,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-from truegrad import statistic
+from truegrad import _bypass, statistic
 
 __all__ = [
     "OracleResult",
@@ -155,6 +158,7 @@ def _squared_sum(per_sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------- oracles
 
 
+@_bypass.bypass()
 def per_sample_grads(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -218,6 +222,7 @@ def per_sample_grads(
     return dict(result)
 
 
+@_bypass.bypass()
 def per_sample_grads_loop(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -254,6 +259,7 @@ def per_sample_grads_loop(
     return {name: torch.stack(gs) for name, gs in per_sample.items()}
 
 
+@_bypass.bypass()
 def sum_grad_squared_oracle(
     model: torch.nn.Module,
     loss_fn: LossFn,

@@ -8,7 +8,7 @@ from truegrad.nn import settings
 from truegrad.nn.rules.linear import linear
 from truegrad.nn.rules.registry import Rule
 
-__all__ = ["Linear", "RULES"]
+__all__ = ["Linear"]
 
 
 class Linear(torch.nn.Linear):

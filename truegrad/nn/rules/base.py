@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from truegrad import _names, statistic
+from truegrad import _bypass, _names, statistic
 from truegrad.nn import settings
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "forget",
     "in_functorch",
     "record_use",
+    "should_track",
     "stat_dtype",
     "tracked",
 ]
@@ -55,6 +56,17 @@ def tracked(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or not isinstance(t, torch.Tensor) or not t.requires_grad or not t.is_leaf:
         return None
     return t
+
+
+def should_track(*params: torch.Tensor | None) -> bool:
+    """Whether a functional must go through its autograd Function: gradients are being
+    recorded, backends are not bypassed (see ``truegrad._bypass``), and at least one of
+    ``params`` is a trainable leaf. Otherwise it calls torch's op directly."""
+    return (
+        torch.is_grad_enabled()
+        and not _bypass.bypassed()
+        and any(tracked(p) is not None for p in params)
+    )
 
 
 def stat_dtype(param: torch.Tensor) -> torch.dtype:

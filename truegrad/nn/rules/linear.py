@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
-__all__ = ["LinearFunction", "linear"]
+__all__ = ["linear"]
 
 
 class LinearFunction(torch.autograd.Function):
@@ -110,6 +110,6 @@ def linear(
     Returns:
         ``(N, *, out_features)``, exactly ``F.linear(input, weight, bias)``.
     """
-    if not torch.is_grad_enabled() or (base.tracked(weight) is None and base.tracked(bias) is None):
+    if not base.should_track(weight, bias):
         return F.linear(input, weight, bias)
     return LinearFunction.apply(input, weight, bias, settings.resolve_granularity(granularity))

@@ -1,0 +1,9 @@
+"""Drop-in normalization modules (work in progress)."""
+
+from __future__ import annotations
+
+from truegrad.nn.rules.registry import Rule
+
+__all__: list[str] = []
+
+RULES: list[Rule] = []

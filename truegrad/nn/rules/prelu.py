@@ -1,0 +1,5 @@
+"""prelu rules (work in progress)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

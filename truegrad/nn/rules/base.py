@@ -33,6 +33,7 @@ from truegrad import _bypass, _names, statistic
 from truegrad.nn import settings
 
 __all__ = [
+    "apply",
     "compute_dtype_of",
     "contribute",
     "forget",
@@ -67,6 +68,17 @@ def should_track(*params: torch.Tensor | None) -> bool:
         and not _bypass.bypassed()
         and any(tracked(p) is not None for p in params)
     )
+
+
+@torch.compiler.disable
+def apply(function: type[torch.autograd.Function], *args: object) -> torch.Tensor:
+    """Run ``function.apply(*args)`` eagerly, also inside ``torch.compile``.
+
+    A rule's backward writes the statistic as a Python side effect, which a traced
+    backward graph would drop; so ``torch.compile`` breaks the graph around each rule
+    and runs it eagerly (its neighbours still compile).
+    """
+    return function.apply(*args)
 
 
 def stat_dtype(param: torch.Tensor) -> torch.dtype:

@@ -112,4 +112,4 @@ def linear(
     """
     if not base.should_track(weight, bias):
         return F.linear(input, weight, bias)
-    return LinearFunction.apply(input, weight, bias, settings.resolve_granularity(granularity))
+    return base.apply(LinearFunction, input, weight, bias, settings.resolve_granularity(granularity))

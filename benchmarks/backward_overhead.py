@@ -1,0 +1,289 @@
+"""Cost of the exact sum_grad_squared statistic versus a plain torch training step.
+
+For each workload, every contender runs forward + backward (+ whatever it needs to
+produce ``sum_n g_n**2`` for every parameter) on the same model and batch. Timing is
+paired and alternating in one process (this machine is shared and noisy): each round
+times every contender for a block of steps, ratios are taken against the plain step
+of the same round, and the median over rounds is reported. Peak memory above plain
+is measured in a fresh subprocess per contender (``ru_maxrss`` delta, MiB).
+
+Contenders: ``plain`` (torch, no statistic), the truegrad backends, and the peers that
+compute the same exact statistic: BackPack ``SumGradSquared``, Opacus
+``GradSampleModule`` (``(grad_sample**2).sum(0)``) and ``torch.func`` (``vmap(grad)``).
+
+    python benchmarks/backward_overhead.py              # full run, ~10 minutes
+    python benchmarks/backward_overhead.py --quick      # smoke run
+    python benchmarks/backward_overhead.py --workloads mlp --contenders plain nn
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+StepFn = Callable[[], None]
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention (Linear q/k/v and output) + MLP."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(a)
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10),
+    )
+    return model, torch.randn(128, 784), torch.randint(0, 10, (128,))
+
+
+def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+    return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    return Block(), torch.randn(16, 64, 256), torch.randint(0, 10, (16,))
+
+
+WORKLOADS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "transformer": transformer,
+}
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def _zero(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+        if hasattr(p, "sum_grad_squared"):
+            p.sum_grad_squared = None
+
+
+def plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    def step() -> None:
+        _zero(model)
+        F.cross_entropy(model(x), y).backward()
+
+    return step
+
+
+def truegrad_nn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """The model's torch.nn layers swapped in place for their truegrad.nn classes."""
+    from truegrad import nn as tnn
+
+    for module in model.modules():
+        rule = tnn.REGISTRY.lookup(type(module))
+        if rule is not None:
+            module.__class__ = rule.module_type
+    return plain(model, x, y)
+
+
+def backpack_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    import backpack
+    from backpack.extensions import SumGradSquared
+
+    model = backpack.extend(model)
+    loss_fn = backpack.extend(nn.CrossEntropyLoss())
+
+    def step() -> None:
+        _zero(model)
+        with backpack.backpack(SumGradSquared()):
+            loss_fn(model(x), y).backward()
+
+    return step
+
+
+def opacus_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    n = x.shape[0]
+
+    def step() -> None:
+        wrapped.zero_grad(set_to_none=True)
+        F.cross_entropy(wrapped(x), y).backward()
+        for p in wrapped.parameters():
+            # Opacus undoes the mean's 1/N in grad_sample; the statistic carries it.
+            p.sum_grad_squared = p.grad_sample.square().sum(0) / n**2
+
+    return step
+
+
+def torch_func_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    n = x.shape[0]
+
+    def sample_loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None]) / n
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def step() -> None:
+        grads = per_sample(params, x, y)
+        for name, p in model.named_parameters():
+            p.grad = grads[name].sum(0)
+            p.sum_grad_squared = grads[name].square().sum(0)
+
+    return step
+
+
+CONTENDERS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], StepFn]] = {
+    "plain": plain,
+    "nn": truegrad_nn,
+    "backpack": backpack_sgs,
+    "opacus": opacus_sgs,
+    "torch.func": torch_func_sgs,
+}
+PEERS = ("backpack", "opacus", "torch.func")
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def build(workload: str, contender: str) -> StepFn:
+    torch.manual_seed(0)
+    model, x, y = WORKLOADS[workload]()
+    return CONTENDERS[contender](copy.deepcopy(model), x, y)
+
+
+def time_block(step: StepFn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def measure_time(workload: str, contenders: list[str], rounds: int, steps: int) -> dict[str, dict]:
+    fns: dict[str, StepFn] = {}
+    errors: dict[str, str] = {}
+    for name in contenders:
+        try:
+            fn = build(workload, name)
+            fn()  # warm-up, also surfaces unsupported layers
+            fns[name] = fn
+        except Exception as error:  # a peer that cannot handle the workload is reported, not fatal
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        block = {name: time_block(fn, steps) for name, fn in fns.items()}
+        for name, t in block.items():
+            times[name].append(t)
+            ratios[name].append(t / block["plain"])
+    result = {
+        name: {"ms": 1e3 * statistics.median(times[name]), "ratio": statistics.median(ratios[name])}
+        for name in fns
+    }
+    result.update({name: {"error": err} for name, err in errors.items()})
+    return result
+
+
+def _peak_rss_mib(workload: str, contender: str) -> float:
+    code = (
+        "import resource, sys, warnings; warnings.filterwarnings('ignore'); "
+        "sys.path.insert(0, 'benchmarks'); import backward_overhead as b; "
+        "import backpack, opacus; "  # same imports in every subprocess
+        f"step = b.build({workload!r}, {contender!r}); step(); step(); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        return float("nan")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(workload: str, contenders: list[str]) -> dict[str, float]:
+    base = _peak_rss_mib(workload, "plain")
+    return {name: _peak_rss_mib(workload, name) - base for name in contenders if name != "plain"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step, no memory")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.no_memory = 2, 1, True
+    contenders = ["plain", *[c for c in args.contenders if c != "plain"]]
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} "
+          f"paired rounds of {args.steps} steps; ratio = contender / plain in the same round")
+    results = {}
+    for workload in args.workloads:
+        timing = measure_time(workload, contenders, args.rounds, args.steps)
+        memory = {} if args.no_memory else measure_memory(workload, contenders)
+        results[workload] = {"time": timing, "memory_mib": memory}
+        ours = [c for c in contenders if c not in PEERS and c != "plain" and "ratio" in timing.get(c, {})]
+        peers = [timing[c]["ratio"] for c in PEERS if "ratio" in timing.get(c, {})]
+        print(f"\n{workload}")
+        print(f"  {'contender':<12} {'ms/step':>9} {'x plain':>8} {'+MiB':>8}")
+        for name in contenders:
+            t = timing[name]
+            if "error" in t:
+                print(f"  {name:<12} {'n/a':>9} {'':>8} {'':>8}  ({t['error']})")
+                continue
+            mem = memory.get(name)
+            mem_s = "" if mem is None else f"{mem:8.0f}"
+            print(f"  {name:<12} {t['ms']:9.1f} {t['ratio']:8.2f} {mem_s:>8}")
+        if peers:
+            best = min(peers)
+            for name in ours:
+                verdict = "faster" if timing[name]["ratio"] < best else "NOT faster"
+                print(f"  {name} is {verdict} than the fastest peer ({best:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The one interface every backend implements.
+
+A backend makes backward write ``p.sum_grad_squared`` for the parameters it covers.
+The Lightning callback, :func:`truegrad.diagnose` and the seed's entry points in
+:mod:`truegrad.utils` all talk to backends through this interface, so a new backend
+is one new file plus one line in :data:`truegrad.backends.BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Backend", "Handle", "check_model"]
+
+
+class Handle:
+    """Undo information for one ``prepare``; ``undo()`` runs the undo steps once, newest first."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self._steps: list[Callable[[], None]] = []
+        self.done = False
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def undo(self) -> None:
+        """Restore what ``prepare`` changed. Idempotent."""
+        if self.done:
+            return
+        self.done = True
+        while self._steps:
+            self._steps.pop()()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        state = "undone" if self.done else "active"
+        return f"<Handle {self.description} ({state})>"
+
+
+class Backend(abc.ABC):
+    """A way to compute the statistic.
+
+    Subclasses set :attr:`name` and implement :meth:`prepare` and :meth:`coverage`.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def prepare(self, model: torch.nn.Module) -> Handle:
+        """Make ``model``'s backward write the statistic, in place (no new Parameter
+        objects: optimizer and DDP references stay valid). Idempotent: preparing an
+        already prepared model changes nothing more. Returns the undo handle."""
+
+    @abc.abstractmethod
+    def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
+        """For every trainable parameter (qualified name): ``None`` if this backend
+        covers it once prepared, else the reason why not."""
+
+    @contextlib.contextmanager
+    def backward_context(self) -> Iterator[None]:
+        """Context every backward must run in (most backends need none)."""
+        yield
+
+
+def check_model(model: object, backend: str) -> torch.nn.Module:
+    """Validate a model argument: a ``torch.nn.Module`` with trainable parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"backend {backend!r} needs a torch.nn.Module, got {type(model).__module__}."
+            f"{type(model).__qualname__}"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__qualname__} has no trainable parameters (none with "
+            f"requires_grad=True): backend {backend!r} has nothing to compute"
+        )
+    return model

@@ -54,7 +54,7 @@ def has(param: torch.Tensor) -> bool:
     return get(param) is not None
 
 
-def add(param: torch.Tensor, contribution: torch.Tensor) -> None:
+def add(param: torch.Tensor, contribution: torch.Tensor, *, owned: bool = False) -> None:
     """Add ``contribution`` (already ``sum_n g_n**2``, shape of ``param``) to the statistic.
 
     The statistic is created lazily on ``contribution``'s device in
@@ -65,6 +65,8 @@ def add(param: torch.Tensor, contribution: torch.Tensor) -> None:
         param: the parameter (a leaf tensor with ``requires_grad=True``).
         contribution: tensor of ``param.shape``, the sum over the samples of one
             backward pass of the squared per-sample gradients.
+        owned: the caller hands ``contribution`` over (a fresh temporary nobody else
+            references); if its dtype is already right it is stored without a copy.
 
     Raises:
         ValueError: if the shape of ``contribution`` differs from ``param``'s.
@@ -79,8 +81,9 @@ def add(param: torch.Tensor, contribution: torch.Tensor) -> None:
     dtype = statistic_dtype(param.dtype)
     current = get(param)
     if current is None:
-        # ``to(copy=True)`` guarantees a fresh tensor even when dtype/device already match.
-        setattr(param, ATTRIBUTE, contribution.detach().to(dtype=dtype, copy=True))
+        # A fresh tensor unless the caller owns ``contribution`` (then no copy is needed).
+        copy = not (owned and contribution.dtype == dtype)
+        setattr(param, ATTRIBUTE, contribution.detach().to(dtype=dtype, copy=copy))
     else:
         current.add_(contribution.detach().to(device=current.device, dtype=dtype))
 
@@ -93,8 +96,7 @@ def add_sum_of_squares(param: torch.Tensor, per_sample: torch.Tensor) -> None:
         per_sample: per-sample gradients of shape ``(N, *param.shape)``.
     """
     dtype = statistic_dtype(param.dtype)
-    per_sample = per_sample.detach().to(dtype)
-    add(param, torch.einsum("n...,n...->...", per_sample, per_sample))
+    add(param, per_sample.detach().to(dtype).square().sum(0), owned=True)
 
 
 def scale_(params: Iterable[torch.Tensor], factor: float | torch.Tensor) -> None:

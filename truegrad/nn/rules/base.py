@@ -141,7 +141,8 @@ def contribute(
         param: the parameter (``None``: nothing to do).
         n_samples: N, the number of samples of this use.
         per_sample: ``per_sample(start, stop) -> (stop - start, *param.shape)``.
-        squared: optional exact shortcut returning ``sum_n g_n**2`` directly.
+        squared: optional exact shortcut returning ``sum_n g_n**2`` directly, as a fresh
+            tensor (it may be stored as the statistic without a copy).
     """
     if param is None or in_functorch():
         return
@@ -171,9 +172,13 @@ def contribute(
             stacklevel=2,
         )
     if squared is not None:
-        statistic.add(param, squared())
+        statistic.add(param, squared(), owned=True)
         return
     per_sample_bytes = max(1, param.numel() * 4 * 2)
     chunk = max(1, settings.chunk_bytes // per_sample_bytes)
+    total: torch.Tensor | None = None
     for start in range(0, n_samples, chunk):
-        statistic.add_sum_of_squares(param, per_sample(start, min(n_samples, start + chunk)))
+        part = per_sample(start, min(n_samples, start + chunk)).square().sum(0)
+        total = part if total is None else total.add_(part)
+    if total is not None:
+        statistic.add(param, total, owned=True)

@@ -88,10 +88,13 @@ def check(problem: Problem, reduction: str, dtype: torch.dtype) -> None:
     inputs = _cast_inputs(problem.input_fn(), dtype)
     twin = to_torch(model)
 
-    out = problem.output_fn(_call(model, inputs))
+    # Forwards for comparison run without recording a graph, so that the one recorded
+    # forward per model is the one that is backwarded.
+    with torch.no_grad():
+        out = problem.output_fn(_call(model, inputs))
+        out_twin = problem.output_fn(_call(twin, inputs))
     target = torch.randn_like(out)
     loss_fn = make_loss(problem, reduction, target)
-    out_twin = problem.output_fn(_call(twin, inputs))
     if problem.exact_forward:
         assert torch.equal(out, out_twin), "forward differs from torch"
     else:

@@ -12,7 +12,9 @@ A rule's ``backward`` computes gradients exactly as torch does and then calls
 ``truegrad.nn.settings.chunk_bytes`` and writes through :mod:`truegrad.statistic`.
 
 Parameters used more than once in one forward (tied weights, a module called
-twice) are counted in forward by :func:`record_use`. Their per-sample gradients
+twice) are recorded in forward by :func:`record_use` (a weak set of the autograd
+contexts whose backward is still to come, so a forward that is never backwarded
+is forgotten with its graph). Their per-sample gradients
 are kept until the last use's backward has arrived, summed, and only then squared,
 so the statistic stays exact; a post-accumulate-grad hook finalises whatever is
 pending when the parameter's gradient is complete. If keeping them would exceed
@@ -24,8 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
+
 from torch.utils.weak import WeakIdKeyDictionary
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -91,7 +96,9 @@ def compute_dtype_of(output: torch.Tensor) -> torch.dtype:
 
 @dataclasses.dataclass
 class _UseState:
-    uses: int = 0
+    #: autograd contexts of recorded uses whose backward has not run yet; a use whose
+    #: graph is dropped without backward disappears by itself (weak references).
+    live: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
     pending: torch.Tensor | None = None
     hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -101,28 +108,27 @@ _STATE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def _finalize(param: torch.Tensor) -> None:
     state = _STATE.get(param)
-    if state is None:
+    if state is None or state.pending is None:
         return
-    if state.pending is not None:
-        statistic.add_sum_of_squares(param, state.pending)
-    state.pending = None
-    state.uses = 0
+    pending, state.pending = state.pending, None
+    statistic.add(param, pending.square().sum(0), owned=True)
 
 
-def record_use(param: torch.Tensor | None) -> None:
-    """Count one use of ``param`` in the forward that is being recorded for backward."""
-    if param is None or in_functorch():
+def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:
+    """Record one use of ``param`` by the autograd context ``ctx`` (call in ``setup_context``
+    and pass the same ``ctx`` to :func:`contribute`)."""
+    if param is None or ctx is None or in_functorch():
         return
     state = _STATE.get(param)
     if state is None:
         state = _STATE[param] = _UseState()
     if state.hook is None:
         state.hook = param.register_post_accumulate_grad_hook(_finalize)
-    state.uses += 1
+    state.live.add(ctx)
 
 
 def forget(params: list[torch.Tensor]) -> None:
-    """Drop use counts and hooks of ``params`` (used by conversions' ``undo``)."""
+    """Drop use records and hooks of ``params`` (used by conversions' ``undo``)."""
     for param in params:
         state = _STATE.pop(param, None)
         if state is not None and state.hook is not None:
@@ -134,6 +140,8 @@ def contribute(
     n_samples: int,
     per_sample: PerSample,
     squared: Callable[[], torch.Tensor] | None = None,
+    *,
+    ctx: Any = None,
 ) -> None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
@@ -143,22 +151,24 @@ def contribute(
         per_sample: ``per_sample(start, stop) -> (stop - start, *param.shape)``.
         squared: optional exact shortcut returning ``sum_n g_n**2`` directly, as a fresh
             tensor (it may be stored as the statistic without a copy).
+        ctx: the autograd context that recorded this use with :func:`record_use`.
     """
     if param is None or in_functorch():
         return
     state = _STATE.get(param)
-    remaining = state.uses if state is not None else 0
+    others = 0
     if state is not None:
-        state.uses = max(0, state.uses - 1)
-    shared = remaining > 1 or (state is not None and state.pending is not None)
+        others = len(state.live) - (1 if ctx in state.live else 0)
+        state.live.discard(ctx)
+    shared = state is not None and (others > 0 or state.pending is not None)
     if shared:
         assert state is not None
         pending_bytes = n_samples * param.numel() * 4
         same_n = state.pending is None or state.pending.shape[0] == n_samples
         if pending_bytes <= settings.chunk_bytes and same_n:
             grads = per_sample(0, n_samples)
-            state.pending = grads if state.pending is None else state.pending.add_(grads)
-            if state.uses == 0:
+            state.pending = grads.clone() if state.pending is None else state.pending.add_(grads)
+            if others == 0:
                 _finalize(param)
             return
         warnings.warn(
@@ -171,6 +181,7 @@ def contribute(
             RuntimeWarning,
             stacklevel=2,
         )
+        _finalize(param)  # what earlier uses left pending, squared on its own
     if squared is not None:
         statistic.add(param, squared(), owned=True)
         return

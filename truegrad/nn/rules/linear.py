@@ -45,8 +45,8 @@ class LinearFunction(torch.autograd.Function):
         ctx.granularity = granularity
         ctx.weight_param = base.tracked(weight)
         ctx.bias_param = base.tracked(bias)
-        base.record_use(ctx.weight_param)
-        base.record_use(ctx.bias_param)
+        base.record_use(ctx.weight_param, ctx)
+        base.record_use(ctx.bias_param, ctx)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -71,24 +71,29 @@ def _statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_d
     sdt = torch.float64 if param_dtype == torch.float64 else torch.float32
     out_features = grad_output.shape[-1]
     in_features = input.shape[-1]
-    n = 1 if input.dim() == 1 else input.shape[0]
     per_position = input.dim() <= 2 or ctx.granularity == "position"
     if per_position:
+        # One row per sample (2-D input) or per position (granularity="position").
         dy = grad_output.reshape(-1, out_features).to(sdt)
         x = input.reshape(-1, in_features).to(sdt)
+        n = dy.shape[0]
         dy2 = dy.square()
         base.contribute(
             ctx.weight_param,
             n,
             lambda s, e: dy[s:e, :, None] * x[s:e, None, :],
             lambda: dy2.t() @ x.square(),
+            ctx=ctx,
         )
-        base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0))
+        base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0), ctx=ctx)
         return
+    n = input.shape[0]
     dy3 = grad_output.reshape(n, -1, out_features).to(sdt)
     x3 = input.reshape(n, -1, in_features).to(sdt)
-    base.contribute(ctx.weight_param, n, lambda s, e: torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e]))
-    base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1))
+    base.contribute(
+        ctx.weight_param, n, lambda s, e: torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e]), ctx=ctx
+    )
+    base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1), ctx=ctx)
 
 
 def linear(

@@ -183,3 +183,13 @@ def test_assert_matches_oracle_runs_backward_on_plain_torch_and_reports_missing(
     result = testing.sum_grad_squared_oracle(model, _loss("mean"), x, y)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, result.grad[n], rtol=1e-5, atol=1e-7)
+
+
+def test_oracle_leaves_a_module_registered_twice_intact() -> None:
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    x = torch.randn(4, 3)
+    by_func = testing.per_sample_grads(model, lambda o, _: o.square().mean(), x)
+    by_loop = testing.per_sample_grads_loop(model, lambda o, _: o.square().mean(), x)
+    assert type(layer.weight) is nn.Parameter and model(x).requires_grad
+    torch.testing.assert_close(by_func["0.weight"], by_loop["0.weight"], rtol=1e-5, atol=1e-7)

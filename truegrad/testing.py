@@ -30,8 +30,10 @@ across the batch dimension); a model that violates this is rejected with a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -72,6 +74,36 @@ class OracleResult:
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Trainable parameters by qualified name; a tied parameter appears once."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _restoring_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Put every module's parameters and buffers back afterwards.
+
+    ``torch.func.functional_call`` swaps tensors into modules and back; a module
+    registered under two names (``Sequential(lin, act, lin)``) is restored with the
+    swapped-in detached tensor. Restoring the dictionaries themselves is exact.
+    """
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, parameters, buffers in saved:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+
+
+def _restores_model(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run ``function(model, ...)`` inside :func:`_restoring_parameters`."""
+
+    @functools.wraps(function)
+    def wrapper(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with _restoring_parameters(model):
+            return function(model, *args, **kwargs)
+
+    return wrapper
 
 
 def _check_independent_samples(model: torch.nn.Module) -> None:
@@ -159,6 +191,7 @@ def _squared_sum(per_sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @_bypass.bypass()
+@_restores_model
 def per_sample_grads(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -223,6 +256,7 @@ def per_sample_grads(
 
 
 @_bypass.bypass()
+@_restores_model
 def per_sample_grads_loop(
     model: torch.nn.Module,
     loss_fn: LossFn,

@@ -148,7 +148,8 @@ def _output_grad(
     """Full-batch output and ``dL/d output`` (same pytree structure, ``None`` leaves kept)."""
     with torch.enable_grad():
         params = {n: p.detach() for n, p in model.named_parameters()}
-        output = torch.func.functional_call(model, params, args, kwargs, strict=False)
+        with _restoring_parameters(model):
+            output = torch.func.functional_call(model, params, args, kwargs, strict=False)
         leaves, spec = pytree.tree_flatten(output)
         float_leaves = [
             x.detach().requires_grad_(True)

@@ -193,3 +193,9 @@ def test_oracle_leaves_a_module_registered_twice_intact() -> None:
     by_loop = testing.per_sample_grads_loop(model, lambda o, _: o.square().mean(), x)
     assert type(layer.weight) is nn.Parameter and model(x).requires_grad
     torch.testing.assert_close(by_func["0.weight"], by_loop["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_without_running_statistics_is_rejected_in_eval_mode_too() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\) has no running statistics"):
+        testing.sum_grad_squared_oracle(model, lambda o, _: o.sum(), torch.randn(2, 1, 3, 3))

@@ -108,12 +108,15 @@ def _restores_model(function: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_independent_samples(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.training or module.running_mean is None:
+            why = "is in training mode" if module.training else "has no running statistics"
             raise ValueError(
-                f"module {name!r} ({type(module).__name__}) is in training mode: its samples "
-                "interact through the batch statistics, so the per-sample oracle does not "
-                "apply. Call model.eval() for a per-sample oracle, or use "
-                "truegrad.testing.layer_sum_grad_squared for the layer-level one."
+                f"module {name!r} ({type(module).__name__}) {why}: it normalises with batch "
+                "statistics, so its samples interact and the per-sample oracle does not "
+                "apply. Call model.eval() (with running statistics) for a per-sample "
+                "oracle, or use truegrad.testing.layer_sum_grad_squared for the layer-level one."
             )
 
 

@@ -269,7 +269,8 @@ def _convolution(
             raise RuntimeError(f"Invalid padding string: '{padding}'")
     else:
         padding_ = _expand(padding, dim, "padding")
-    out = ConvFunction.apply(
+    out = base.apply(
+        ConvFunction,
         x, weight, bias, stride_, padding_, dilation_, transposed, output_padding_, groups, gran
     )
     return out.squeeze(0) if unbatched else out

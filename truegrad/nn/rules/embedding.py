@@ -245,7 +245,7 @@ def embedding(
         input = input.contiguous()
         with torch.no_grad():
             torch.embedding_renorm_(weight.detach(), input, max_norm, norm_type)
-    return EmbeddingFunction.apply(input, weight, padding_idx, scale_grad_by_freq, granularity)
+    return base.apply(EmbeddingFunction, input, weight, padding_idx, scale_grad_by_freq, granularity)
 
 
 # --------------------------------------------------------------------------- embedding bag
@@ -511,7 +511,8 @@ def embedding_bag(
             "embedding_bag: per_sample_weights was not None. per_sample_weights is only supported "
             f"for mode='sum' (got mode='{mode}'). Please open a feature request on GitHub."
         )
-    output, *_ = EmbeddingBagFunction.apply(
+    output, *_ = base.apply(
+        EmbeddingBagFunction,
         input, weight, offsets, per_sample_weights, scale_grad_by_freq, _MODES[mode],
         include_last_offset, padding_idx,
     )

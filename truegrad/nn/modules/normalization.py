@@ -36,6 +36,12 @@ class LayerNorm(torch.nn.LayerNorm):
     ``bias.sum_grad_squared``: ``g_n(w) = sum_t dy[n,t] * x_hat[n,t]``, ``g_n(b) = sum_t dy[n,t]``
     over the positions t of sample n (dim 0).
 
+    One extension over torch (where torch raises): a ``normalized_shape`` with leading
+    singleton dimensions also accepts inputs without them, as in the original TrueGrad
+    README's ``LayerNorm([1, 10])`` applied to a ``(16, 10)`` activation. The input is
+    viewed with the singleton dimensions inserted, so the result is exactly torch's
+    ``LayerNorm(10)`` with the weight viewed as ``(10,)``.
+
     Attributes:
         granularity: ``None`` (use ``truegrad.nn.settings.granularity``), ``"sample"`` or
             ``"position"``; a class attribute, settable per instance.
@@ -45,9 +51,27 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         shape = list(self.normalized_shape)
-        return layer_norm(
-            input, shape, self.weight, self.bias, self.eps, granularity=self.granularity
-        )
+        singletons = _missing_leading_singletons(input, shape)
+        if singletons:
+            at = input.dim() - (len(shape) - singletons)
+            input = input.reshape(*input.shape[:at], *([1] * singletons), *input.shape[at:])
+        out = layer_norm(input, shape, self.weight, self.bias, self.eps, granularity=self.granularity)
+        if singletons:
+            out = out.reshape(*out.shape[:at], *out.shape[at + singletons :])
+        return out
+
+
+def _missing_leading_singletons(input: torch.Tensor, shape: list[int]) -> int:
+    """How many leading 1s of ``shape`` the input lacks (0 when its trailing dims match)."""
+    if list(input.shape[-len(shape) :]) == shape:
+        return 0
+    leading = 0
+    while leading < len(shape) and shape[leading] == 1:
+        leading += 1
+    rest = shape[leading:]
+    if leading and rest and list(input.shape[-len(rest) :]) == rest:
+        return leading
+    return 0
 
 
 class RMSNorm(torch.nn.RMSNorm):

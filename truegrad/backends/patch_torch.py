@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional
 
+from truegrad._originals import ORIGINALS as _ORIGINALS
 from truegrad.backends.base import Backend, Handle, check_model
 from truegrad.backends.convert import conversion_target, convert_modules
 
 __all__ = ["PatchTorchBackend", "is_patched", "patch_torch", "patched_names", "unpatch_torch"]
 
 _LOCK = threading.Lock()
-_ORIGINALS: dict[tuple[ModuleType, str], Any] = {}
 
 
 def _targets() -> list[tuple[ModuleType, str, Any]]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from truegrad._originals import F  # torch's own ops, also under patch_torch
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 from truegrad.nn.rules.normalization import (
@@ -198,7 +199,7 @@ def batch_norm(
         exactly ``F.batch_norm(...)`` with the same arguments.
     """
     if not base.should_track(weight, bias) or input.numel() == 0:
-        return torch.nn.functional.batch_norm(
+        return F.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
     granularity = settings.resolve_granularity(granularity)
@@ -411,7 +412,7 @@ def instance_norm(
         exactly ``F.instance_norm(...)`` with the same arguments.
     """
     if not base.should_track(weight, bias) or input.numel() == 0:
-        return torch.nn.functional.instance_norm(
+        return F.instance_norm(
             input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
         )
     granularity = settings.resolve_granularity(granularity)

@@ -38,8 +38,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from truegrad._originals import F  # torch's own ops, also under patch_torch
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 

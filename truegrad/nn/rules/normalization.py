@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from truegrad._originals import F  # torch's own ops, also under patch_torch
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -346,7 +347,7 @@ def layer_norm(
         exactly ``F.layer_norm(input, normalized_shape, weight, bias, eps)``.
     """
     if not base.should_track(weight, bias):
-        return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     granularity = settings.resolve_granularity(granularity)
     input, weight, bias = _autocast_fp32("layer_norm", input, weight, bias)
     shape = _normalized_shape(normalized_shape)
@@ -497,7 +498,7 @@ def rms_norm(
         exactly ``F.rms_norm(input, normalized_shape, weight, eps)``.
     """
     if not base.should_track(weight):
-        return torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
+        return F.rms_norm(input, normalized_shape, weight, eps)
     granularity = settings.resolve_granularity(granularity)
     input, weight = _autocast_fp32("rms_norm", input, weight)
     assert input is not None and weight is not None
@@ -607,7 +608,7 @@ def group_norm(
         exactly ``F.group_norm(input, num_groups, weight, bias, eps)``.
     """
     if not base.should_track(weight, bias) or input.dim() < 2 or input.numel() == 0:
-        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+        return F.group_norm(input, num_groups, weight, bias, eps)
     granularity = settings.resolve_granularity(granularity)
     _verify_batch_size([input.size(0) * input.size(1) // num_groups, num_groups, *input.size()[2:]])
     input, weight, bias = _autocast_fp32("group_norm", input, weight, bias)

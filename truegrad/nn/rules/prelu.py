@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from truegrad._originals import F, T  # torch's own ops, also under patch_torch
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -48,7 +48,7 @@ class PReLUFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         input: torch.Tensor, weight: torch.Tensor, granularity: str
     ) -> torch.Tensor:
-        return torch.prelu(input, weight)
+        return T.prelu(input, weight)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:

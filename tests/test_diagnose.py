@@ -1,0 +1,142 @@
+"""truegrad.diagnose: coverage, error against the exact oracle, cost, on copies of the model."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from truegrad import statistic
+from truegrad.diagnosis import SAMPLES_INTERACT, DiagnosisReport, diagnose
+from zoo import ZOO
+
+
+def _table_lines(report: DiagnosisReport) -> list[str]:
+    lines = str(report).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("parameter"))
+    return lines[start : start + 1 + len(report.parameters)]
+
+
+def test_mlp_with_nn_is_covered_and_exact_and_the_model_is_untouched() -> None:
+    entry = ZOO["mlp"]
+    model = entry.build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    x, y = entry.inputs(), entry.targets()
+    rng = torch.get_rng_state()
+
+    report = diagnose(model, x, entry.loss, y, backend="nn", repeats=2)
+
+    names = [n for n, _ in model.named_parameters()]
+    assert [row.name for row in report.parameters] == names
+    assert all(row.covered and row.reason is None for row in report.parameters)
+    assert all(row.relative_error is not None and row.relative_error < 1e-4 for row in report.parameters)
+    assert report.uncovered == []
+    assert report.backend == "nn" and report.repeats == 2
+    assert report.backward_time_ratio > 0 and report.backward_seconds > 0
+    assert report.peak_memory_ratio is not None and report.peak_memory_ratio > 0
+    assert report.plain_peak_memory_bytes and report.plain_peak_memory_bytes > 0
+    assert "torch.profiler" in report.memory_measure
+    # the user's model: same classes, values, no grads, no statistics, same RNG state
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None and not statistic.has(p) for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    text = str(report)
+    assert all(name in text for name in names)
+    assert "6 of 6 trainable parameters covered" in text
+    assert "median of 2 paired repeats" in text
+    table = _table_lines(report)
+    assert table[0].split() == ["parameter", "shape", "covered", "rel.", "error", "reason"]
+    for column in ("shape", "covered", "rel. error"):  # aligned: every cell starts under its header
+        at = table[0].index(column)
+        assert all(line[at - 2 : at] == "  " and line[at] != " " for line in table[1:]), column
+
+
+class Gain(nn.Module):
+    """A custom module whose parameter is used by a plain tensor op (no truegrad rule)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class WithCustom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = Gain(12)
+        self.head = nn.Linear(12, 5)
+        self.unused = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gain(x))
+
+
+def test_unsupported_op_and_unused_parameters_are_reported() -> None:
+    report = diagnose(
+        WithCustom(), torch.randn(6, 12), F.cross_entropy, torch.randint(0, 5, (6,)),
+        backend="nn", repeats=1, measure_memory=False,
+    )
+    rows = report.by_name
+    assert not rows["gain.gain"].covered
+    assert rows["gain.gain"].reason == "module 'gain' (Gain): Gain has no truegrad rule"
+    assert rows["gain.gain"].relative_error is None and rows["gain.gain"].error_text == "-"
+    for name in ("unused.weight", "unused.bias"):
+        assert not rows[name].covered and rows[name].reason == "no statistic after backward"
+    for name in ("head.weight", "head.bias"):
+        assert rows[name].covered and rows[name].relative_error < 1e-4
+    assert report.uncovered == ["gain.gain", "unused.weight", "unused.bias"]
+    assert report.peak_memory_ratio is None and "not measured" in str(report)
+    line = next(line for line in str(report).splitlines() if line.startswith("gain.gain"))
+    assert line.split()[2] == "NO" and line.endswith("Gain has no truegrad rule")
+
+
+def test_batchnorm_in_training_mode_has_no_per_sample_oracle() -> None:
+    entry = ZOO["resnet"]
+    report = diagnose(
+        entry.build(), entry.inputs(), entry.loss, entry.targets(), backend="nn", repeats=1,
+        measure_memory=False,
+    )
+    assert len(report.parameters) == 20
+    assert all(row.covered for row in report.parameters)
+    assert {row.error_text for row in report.parameters} == {SAMPLES_INTERACT}
+    assert all(row.relative_error is None for row in report.parameters)
+    assert report.notes[0] == (
+        "no per-sample oracle: 'bn1' (BatchNorm2d) is in training mode, so samples interact"
+    )
+    assert str(report).count("n/a (samples interact)") == 20
+
+
+@pytest.mark.backpack
+def test_backend_with_a_backward_context() -> None:
+    """BackPack runs its backward inside ``backend.backward_context()``; its warnings are
+    collected into the notes."""
+    pytest.importorskip("backpack")
+    entry = ZOO["gpt"]
+    report = diagnose(
+        entry.build(), entry.inputs(), entry.loss, entry.targets(), backend="backpack",
+        repeats=1, measure_memory=False,
+    )
+    rows = report.by_name
+    assert rows["wte.weight"].reason.startswith("shared by modules 'wte' (Embedding), 'lm_head' (Linear)")
+    assert not rows["norm.weight"].covered
+    assert rows["blocks.0.attn.qkv.weight"].covered
+    assert rows["blocks.0.attn.qkv.weight"].relative_error < 1e-4
+    assert len(report.uncovered) == 6
+    assert any(note.startswith("BatchDimensionWarning:") for note in report.notes)
+
+
+def test_unknown_backend_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown truegrad backend 'nope'; valid choices: 'nn', 'patch_torch'"):
+        diagnose(nn.Linear(2, 1), torch.randn(3, 2), lambda out, _: out.sum(), backend="nope")
+
+
+def test_default_backend_is_patch_torch() -> None:
+    assert inspect.signature(diagnose).parameters["backend"].default == "patch_torch"

@@ -421,3 +421,33 @@ def test_frozen_and_no_grad() -> None:
     assert not statistic.has(bag.weight) and not statistic.has(layer.weight)
     with torch.no_grad():
         assert nn.Embedding(V, D)(ids(2, 3)).shape == (2, 3, D)
+
+
+def test_unbatched_position_embedding_broadcast_over_the_batch_is_named() -> None:
+    """wpe(arange(T)) added to (N, T, D): no layer-local rule can split its gradient per
+    sample, so the statistic is per position and a warning names the parameter."""
+    from truegrad import _names
+    from truegrad.nn.rules.base import BatchSizeWarning
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+            self.wpe = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.wte(ids) + self.wpe(torch.arange(ids.shape[1])))
+
+    model = Model()
+    _names.remember(model)
+    ids = torch.randint(0, 10, (3, 5))
+    with pytest.warns(BatchSizeWarning, match=r"'wpe.weight' \(shape \(5, 4\)\) has 5 sample\(s\)"):
+        model(ids).square().mean().backward()
+    # batched positions make it exact
+    class Batched(Model):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+            return self.head(self.wte(ids) + self.wpe(positions))
+
+    testing.assert_matches_oracle(Batched(), lambda o, _: o.square().mean(), ids)

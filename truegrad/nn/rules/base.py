@@ -38,6 +38,7 @@ from truegrad import _bypass, _names, statistic
 from truegrad.nn import settings
 
 __all__ = [
+    "BatchSizeWarning",
     "apply",
     "compute_dtype_of",
     "contribute",
@@ -135,6 +136,44 @@ def forget(params: list[torch.Tensor]) -> None:
             state.hook.remove()
 
 
+class BatchSizeWarning(RuntimeWarning):
+    """An op saw a different number of samples than the other ops of the same backward."""
+
+
+_LAST_BATCH: list[int] = [-1, 0]  # [graph task id, N of the first rule in that backward]
+_WARNED_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _check_batch_size(param: torch.Tensor, n_samples: int) -> None:
+    """Warn (once per parameter) when this op's dim 0 disagrees with the backward's batch.
+
+    An op whose input has no batch dimension and whose output is broadcast over the
+    batch afterwards (position embeddings indexed by ``arange(T)``, a parameter added
+    to every sample) only ever sees the gradient already summed over the samples; no
+    layer-local rule can split it per sample. Its statistic then treats dim 0 of the
+    op's input as the samples (CONTRACT.md's definition), which is not the model's
+    per-sample statistic: say so, naming the parameter, instead of being silently wrong.
+    """
+    task = torch._C._current_graph_task_id()
+    if task < 0:
+        return
+    if _LAST_BATCH[0] != task:
+        _LAST_BATCH[0], _LAST_BATCH[1] = task, n_samples
+        return
+    if _LAST_BATCH[1] != n_samples and param not in _WARNED_BATCH:
+        _WARNED_BATCH[param] = True
+        warnings.warn(
+            f"truegrad: the op using {_names.describe(param)} has {n_samples} sample(s) along "
+            f"dim 0 of its input, but other ops in this backward have {_LAST_BATCH[1]}. If its "
+            "input is not batched and its output is broadcast over the batch (e.g. position "
+            "embeddings of arange(T)), its sum_grad_squared counts dim 0 of that input as the "
+            "samples, which differs from the model's per-sample statistic; feed it a batched "
+            "input (e.g. expand the positions to (N, T)) to make it exact.",
+            BatchSizeWarning,
+            stacklevel=3,
+        )
+
+
 def contribute(
     param: torch.Tensor | None,
     n_samples: int,
@@ -155,6 +194,8 @@ def contribute(
     """
     if param is None or in_functorch():
         return
+    if getattr(ctx, "granularity", "sample") == "sample":
+        _check_batch_size(param, n_samples)
     state = _STATE.get(param)
     others = 0
     if state is not None:

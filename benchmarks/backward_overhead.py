@@ -7,7 +7,8 @@ times every contender for a block of steps, ratios are taken against the plain s
 of the same round, and the median over rounds is reported. Peak memory above plain
 is measured in a fresh subprocess per contender (``ru_maxrss`` delta, MiB).
 
-Contenders: ``plain`` (torch, no statistic), the truegrad backends, and the peers that
+Contenders: ``plain`` (torch, no statistic), the truegrad backends (``nn``,
+``patch_torch``, ``patch_model``, ``tg-backpack``: truegrad's BackPack backend), and the peers that
 compute the same exact statistic: BackPack ``SumGradSquared``, Opacus
 ``GradSampleModule`` (``(grad_sample**2).sum(0)``) and ``torch.func`` (``vmap(grad)``).
 
@@ -121,6 +122,46 @@ def truegrad_nn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
     return plain(model, x, y)
 
 
+def truegrad_patch_torch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """truegrad.utils.patch_torch(): patched only while this contender steps (the other
+    contenders in this process must see plain torch), the model converted in place."""
+    from truegrad.backends import get_backend
+    from truegrad.utils import patch_torch, unpatch_torch
+
+    get_backend("patch_torch").prepare(model)
+    unpatch_torch()
+    step = plain(model, x, y)
+
+    def patched_step() -> None:
+        with patch_torch():
+            step()
+
+    return patched_step
+
+
+def truegrad_backpack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """truegrad's BackPack backend (BackPack's SumGradSquared, accumulated by truegrad)."""
+    from truegrad.backends import get_backend
+
+    backend = get_backend("backpack")
+    backend.prepare(model)
+
+    def step() -> None:
+        _zero(model)
+        with backend.backward_context():
+            F.cross_entropy(model(x), y).backward()
+
+    return step
+
+
+def truegrad_patch_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """The model's parameters turned into TrueGradParameter in place (truegrad.utils.patch_model)."""
+    from truegrad.utils import patch_model
+
+    patch_model(model)
+    return plain(model, x, y)
+
+
 def backpack_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
     import backpack
     from backpack.extensions import SumGradSquared
@@ -175,6 +216,9 @@ def torch_func_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn
 CONTENDERS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], StepFn]] = {
     "plain": plain,
     "nn": truegrad_nn,
+    "patch_torch": truegrad_patch_torch,
+    "patch_model": truegrad_patch_model,
+    "tg-backpack": truegrad_backpack,
     "backpack": backpack_sgs,
     "opacus": opacus_sgs,
     "torch.func": torch_func_sgs,

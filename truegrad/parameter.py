@@ -193,10 +193,7 @@ def _snapshot(param: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 def _discard_pending(param: torch.Tensor) -> None:
     # Per-sample gradients that base.contribute keeps for a parameter used several times.
-    # No public API yet (see the report): reach into base's use records.
-    state = base._STATE.get(param)
-    if state is not None:
-        state.pending = None
+    base.discard_pending(param)
 
 
 def _after_grad(param: torch.Tensor) -> None:

@@ -188,3 +188,13 @@ def test_frozen_and_no_grad() -> None:
     assert statistic.has(layer.weight) and not statistic.has(layer.bias)
     with torch.no_grad():
         layer(torch.randn(4, 3))
+
+
+def test_gradient_penalty_through_autograd_grad_leaves_the_statistic_alone() -> None:
+    layer = nn.Linear(4, 3)
+    x = torch.randn(6, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    assert not statistic.has(layer.weight) and layer.weight.grad is None
+    # the penalty's own backward does reach the weight: like p.grad, the statistic is written
+    gx.square().sum().backward()
+    assert layer.weight.grad is not None

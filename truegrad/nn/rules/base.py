@@ -42,6 +42,7 @@ __all__ = [
     "apply",
     "compute_dtype_of",
     "contribute",
+    "discard_pending",
     "forget",
     "in_functorch",
     "record_use",
@@ -102,6 +103,7 @@ class _UseState:
     live: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
     pending: torch.Tensor | None = None
     hook: torch.utils.hooks.RemovableHandle | None = None
+    accumulator: Any = None  # the parameter's AccumulateGrad node
 
 
 _STATE: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -126,6 +128,29 @@ def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:
     if state.hook is None:
         state.hook = param.register_post_accumulate_grad_hook(_finalize)
     state.live.add(ctx)
+
+
+def discard_pending(param: torch.Tensor) -> None:
+    """Drop per-sample gradients kept for a shared parameter (its statistic is abandoned)."""
+    state = _STATE.get(param)
+    if state is not None:
+        state.pending = None
+
+
+def _accumulates(param: torch.Tensor, state: _UseState | None) -> bool:
+    """Whether the running backward accumulates into ``param.grad``: not when it is
+    ``torch.autograd.grad(..., inputs=[x])`` for other tensors (a gradient penalty),
+    which must leave the statistic alone just as it leaves ``p.grad`` alone."""
+    try:
+        node = state.accumulator if state is not None else None
+        if node is None:
+            with torch._C.DisableTorchFunctionSubclass():  # TrueGradParameter: its own node
+                node = torch.autograd.graph.get_gradient_edge(param).node
+            if state is not None:
+                state.accumulator = node
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # not inside a backward pass: a direct call
+        return True
 
 
 def forget(params: list[torch.Tensor]) -> None:
@@ -197,6 +222,10 @@ def contribute(
     if getattr(ctx, "granularity", "sample") == "sample":
         _check_batch_size(param, n_samples)
     state = _STATE.get(param)
+    if not _accumulates(param, state):
+        if state is not None:
+            state.live.discard(ctx)
+        return
     others = 0
     if state is not None:
         others = len(state.live) - (1 if ctx in state.live else 0)

@@ -77,7 +77,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from truegrad import _bypass, _names, statistic
 from truegrad._optional import require
-from truegrad.backends.base import Backend, Handle, check_model
+from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 
 __all__ = [
     "BackPackBackend",
@@ -501,7 +501,7 @@ class BackPackBackend(Backend):
                 UncoveredParameterWarning,
                 stacklevel=2,
             )
-        return handle
+        return mark_prepared(model, self.name, handle)
 
     @contextlib.contextmanager
     def backward_context(self) -> Iterator[None]:

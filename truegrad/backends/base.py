@@ -14,8 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Backend", "Handle", "check_model"]
+__all__ = ["Backend", "Handle", "check_model", "mark_prepared"]
+
+#: model -> name of the backend whose handle is active on it
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: backends that may be active on one model together (same mechanism: truegrad.nn modules)
+_COMPATIBLE = frozenset({"nn", "patch_torch"})
 
 
 class Handle:
@@ -80,9 +86,23 @@ def check_model(model: object, backend: str) -> torch.nn.Module:
             f"backend {backend!r} needs a torch.nn.Module, got {type(model).__module__}."
             f"{type(model).__qualname__}"
         )
+    other = _PREPARED.get(model)
+    if other is not None and other != backend and {other, backend} != _COMPATIBLE:
+        raise ValueError(
+            f"{type(model).__qualname__} is already prepared by backend {other!r}; call undo() "
+            f"on that handle before preparing it with {backend!r} (two backends would both add "
+            "to sum_grad_squared)"
+        )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             f"{type(model).__qualname__} has no trainable parameters (none with "
             f"requires_grad=True): backend {backend!r} has nothing to compute"
         )
     return model
+
+
+def mark_prepared(model: torch.nn.Module, backend: str, handle: Handle) -> Handle:
+    """Record that ``backend`` is active on ``model`` until ``handle.undo()``; returns ``handle``."""
+    _PREPARED[model] = backend
+    handle.on_undo(lambda: _PREPARED.pop(model, None) if _PREPARED.get(model) == backend else None)
+    return handle

@@ -51,7 +51,7 @@ def conversion_target(module: torch.nn.Module, registry: Registry = REGISTRY) ->
     original = type(module)
     rule = registry.lookup(original)
     if rule is None:
-        return None, None, f"{original.__qualname__} has no truegrad rule"
+        return None, None, f"{original.__name__} has no truegrad rule"
     if isinstance(module, rule.module_type):
         return rule, None, None  # already converted
     if rule.unsupported is not None:
@@ -63,7 +63,7 @@ def conversion_target(module: torch.nn.Module, registry: Registry = REGISTRY) ->
     if original.forward is rule.torch_type.forward:
         return rule, _mixed_class(original, rule.module_type), None
     return rule, None, (
-        f"{original.__qualname__} subclasses {rule.torch_type.__qualname__} with its own forward"
+        f"{original.__name__} subclasses {rule.torch_type.__name__} with its own forward"
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from truegrad.backends.base import Backend, Handle, check_model
+from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.backends.convert import convert_modules
 from truegrad.backends.patch_torch import module_coverage
 
@@ -22,7 +22,7 @@ class NNBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> Handle:
         check_model(model, self.name)
-        return convert_modules(model)
+        return mark_prepared(model, self.name, convert_modules(model))
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
         return module_coverage(model)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from truegrad import _names, parameter
-from truegrad.backends.base import Backend, Handle, check_model
+from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.nn.rules import base
 from truegrad.parameter import TrueGradParameter
 
@@ -83,7 +83,7 @@ class PatchModelBackend(Backend):
             base.forget(changed)
 
         handle.on_undo(restore)
-        return handle
+        return mark_prepared(model, self.name, handle)
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
         """``{name: None | reason}`` for every trainable parameter: ``None`` unless a forward

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional
 
 from truegrad._originals import ORIGINALS as _ORIGINALS
-from truegrad.backends.base import Backend, Handle, check_model
+from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.backends.convert import conversion_target, convert_modules
 
 __all__ = ["PatchTorchBackend", "is_patched", "patch_torch", "patched_names", "unpatch_torch"]
@@ -113,13 +113,17 @@ class PatchTorchBackend(Backend):
         handle.on_undo(patch.undo)
         conversion = convert_modules(model)
         handle.on_undo(conversion.undo)
-        return handle
+        return mark_prepared(model, self.name, handle)
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
-        return module_coverage(model)
+        return module_coverage(
+            model,
+            suffix="; covered only if its forward calls torch functionals that patch_torch "
+            "replaces (truegrad.diagnose checks)",
+        )
 
 
-def module_coverage(model: torch.nn.Module) -> dict[str, str | None]:
+def module_coverage(model: torch.nn.Module, suffix: str = "") -> dict[str, str | None]:
     """Coverage by owning module: a parameter is covered when some module that owns it
     directly is (or converts to) a truegrad.nn module; otherwise the reason."""
     result: dict[str, str | None] = {}
@@ -136,10 +140,11 @@ def module_coverage(model: torch.nn.Module) -> dict[str, str | None]:
             if rule is not None and reason is None and local in rule.parameters:
                 reasons = []
                 break
-            where = module_name or type(model).__qualname__
+            where = module_name or "<root>"
             reasons.append(
-                f"module {where!r} ({type(module).__qualname__}): "
+                f"module {where!r} ({type(module).__name__}): "
                 + (reason or f"its rule does not cover parameter {local!r}")
+                + suffix
             )
         result[name] = "; ".join(reasons) if reasons else None
     return result

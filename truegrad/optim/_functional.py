@@ -14,12 +14,18 @@ step ``t``::
 A parameter whose ``stats[i]`` is ``None`` takes the ``adam`` update and leaves its
 ``u`` alone (``exp_avg_true_sqs[i]`` may then be ``None`` too).
 
+All three fold the bias corrections into host scalars (``_StepScalars``):
+``max(sqrt(v / bc2), eps) = max(sqrt(v), eps*sqrt(bc2)) / sqrt(bc2)``, so that no
+tensor pass is spent on ``m / bc1``, ``v / bc2`` or ``u / bc3``; ``adam`` is
+materialised only for its norm (``graft=True``), and the update is added with one
+``addcdiv_``/``addcmul_``.
+
 * ``_single_tensor_tgadamw``: a loop of ordinary tensor ops, one parameter at a time.
 * ``_multi_tensor_tgadamw``: the same sequence of ops with ``torch._foreach_*`` over
-  all parameters of one device and dtype.
-* ``_fused_tgadamw``: one ``torch.compile``-generated kernel pair per parameter
-  (a reduction for the two norms, then the update), compiled once with dynamic
-  shapes; every state tensor is read and written once more at most.
+  all parameters of one device and dtype (bitwise the same results on CPU).
+* ``_fused_tgadamw`` (``_fused.py``): ``torch.compile``-generated kernels, per
+  parameter one reduction pass (moments and both norms) and one update pass,
+  compiled once per process with dynamic shapes; equal up to float rounding.
 
 Low-precision parameters (bf16/fp16) keep float32 state; their update is computed
 in float32 and rounded once when written back.
@@ -32,7 +38,9 @@ exactly as a NaN gradient does in ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
@@ -41,12 +49,32 @@ __all__ = ["tgadamw"]
 Tensor = torch.Tensor
 
 
-def _bias_corrections(step: float, beta1: float, beta2: float, beta3: float) -> tuple[float, float, float]:
-    return 1.0 - beta1**step, 1.0 - beta2**step, 1.0 - beta3**step
+class _StepScalars(NamedTuple):
+    """Host scalars of one step, with the bias corrections folded in (fewer tensor passes).
+
+    Since ``max(sqrt(v / bc2), eps) = max(sqrt(v), eps * sqrt(bc2)) / sqrt(bc2)``::
+
+        adam = m / max(sqrt(v), eps_v) * k_v        true = m / max(sqrt(u), eps_u) * k_u
+
+    and the grafted update is ``true * ||adam|| / (||true|| + eps)
+    = m / max(sqrt(u), eps_u) * k_v * ||adam / k_v|| / (||true / k_u|| + eps / k_u)``.
+    """
+
+    eps_v: float  # eps * sqrt(bc2)
+    eps_u: float  # eps * sqrt(bc3)
+    k_v: float  # sqrt(bc2) / bc1
+    k_u: float  # sqrt(bc3) / bc1
+
+
+def _step_scalars(
+    step: float, beta1: float, beta2: float, beta3: float, eps: float
+) -> _StepScalars:
+    bc1 = 1.0 - beta1**step
+    sqrt_bc2, sqrt_bc3 = math.sqrt(1.0 - beta2**step), math.sqrt(1.0 - beta3**step)
+    return _StepScalars(eps * sqrt_bc2, eps * sqrt_bc3, sqrt_bc2 / bc1, sqrt_bc3 / bc1)
 
 
 # ----------------------------------------------------------------- single tensor
-
 
 def _single_tensor_tgadamw(
     params: list[Tensor],
@@ -66,6 +94,7 @@ def _single_tensor_tgadamw(
     graft: bool,
     maximize: bool,
 ) -> None:
+    decay = 1.0 - lr * weight_decay
     for i, param in enumerate(params):
         grad = grads[i]
         stat = stats[i]
@@ -77,32 +106,37 @@ def _single_tensor_tgadamw(
             grad = -grad
         step_t = state_steps[i]
         step_t += 1
-        bc1, bc2, bc3 = _bias_corrections(step_t.item(), beta1, beta2, beta3)  # CPU scalar: no sync
+        c = _step_scalars(step_t.item(), beta1, beta2, beta3, eps)  # CPU scalar: no sync
 
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        m_hat = exp_avg.div(bc1)
-        adam = m_hat.div(exp_avg_sq.div(bc2).sqrt_().clamp_min_(eps))
+        del grad
+        # p (a float32 copy for bf16/fp16 parameters) after weight decay; rounded once at the end
+        full = param if param.dtype == state_dtype else param.to(state_dtype)
+        if decay != 1.0:
+            full.mul_(decay)
         if stat is None:
-            update = adam
+            denom = exp_avg_sq.sqrt().clamp_min_(c.eps_v)
+            full.addcdiv_(exp_avg, denom, value=-lr * c.k_v)
         else:
             assert exp_avg_true_sq is not None
             exp_avg_true_sq.lerp_(stat.to(state_dtype), 1 - beta3)
-            true = m_hat.div_(exp_avg_true_sq.div(bc3).sqrt_().clamp_min_(eps))
             if graft:
+                # one scratch tensor: adam / k_v (needed for its norm only), then true / k_u
+                scratch = exp_avg_sq.sqrt().clamp_min_(c.eps_v)
+                adam = torch.div(exp_avg, scratch, out=scratch)
                 norm_adam = torch.linalg.vector_norm(adam)
-                norm_true = torch.linalg.vector_norm(true)
-                true.mul_(norm_adam.div_(norm_true.add_(eps)))
-            update = true
-        _apply(param, update, lr, weight_decay)
-
-
-def _apply(param: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
-    """``p = p*(1 - lr*wd) - lr*update``, computed in the update's dtype, rounded once."""
-    if param.dtype == update.dtype:
-        param.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
-    else:
-        param.copy_(param.to(update.dtype).mul_(1 - lr * weight_decay).add_(update, alpha=-lr))
+                denom = torch.sqrt(exp_avg_true_sq, out=scratch).clamp_min_(c.eps_u)
+                true = torch.div(exp_avg, denom, out=scratch)
+                # lr * true * ||adam|| / (||true|| + eps) = true/k_u * scale
+                norm_true = torch.linalg.vector_norm(true).add_(eps / c.k_u)
+                scale = norm_adam.div_(norm_true).mul_(-lr * c.k_v)
+                full.addcmul_(true, scale)
+            else:
+                denom = exp_avg_true_sq.sqrt().clamp_min_(c.eps_u)
+                full.addcdiv_(exp_avg, denom, value=-lr * c.k_u)
+        if full is not param:
+            param.copy_(full)
 
 
 # ----------------------------------------------------------------- multi tensor
@@ -131,6 +165,7 @@ def _multi_tensor_tgadamw(
     buckets: dict[tuple[torch.device, torch.dtype, bool], list[int]] = defaultdict(list)
     for i, param in enumerate(params):
         buckets[(param.device, param.dtype, stats[i] is not None)].append(i)
+    decay = 1.0 - lr * weight_decay
 
     for (_, _, has_stat), index in buckets.items():
         b_params = [params[i] for i in index]
@@ -143,47 +178,49 @@ def _multi_tensor_tgadamw(
             b_grads = torch._foreach_neg(b_grads)
 
         torch._foreach_add_(b_steps, 1)
-        corrections = [_bias_corrections(s.item(), beta1, beta2, beta3) for s in b_steps]  # CPU
-        bc1 = [c[0] for c in corrections]
+        cs = [_step_scalars(s.item(), beta1, beta2, beta3, eps) for s in b_steps]  # CPU
 
         torch._foreach_lerp_(b_exp_avgs, b_grads, 1 - beta1)
         torch._foreach_mul_(b_exp_avg_sqs, beta2)
         torch._foreach_addcmul_(b_exp_avg_sqs, b_grads, b_grads, value=1 - beta2)
         del b_grads
-        m_hat = torch._foreach_div(b_exp_avgs, bc1)
-        denom = torch._foreach_div(b_exp_avg_sqs, [c[1] for c in corrections])
-        torch._foreach_sqrt_(denom)
-        torch._foreach_clamp_min_(denom, eps)
+        full = b_params
+        if b_params[0].dtype != state_dtype:
+            full = [p.to(state_dtype) for p in b_params]
+        if decay != 1.0:
+            torch._foreach_mul_(full, decay)
         if not has_stat:
-            torch._foreach_div_(m_hat, denom)
-            update = m_hat
+            denom = torch._foreach_sqrt(b_exp_avg_sqs)
+            torch._foreach_clamp_min_(denom, [c.eps_v for c in cs])
+            torch._foreach_addcdiv_(full, b_exp_avgs, denom, [-lr * c.k_v for c in cs])
         else:
-            adam = torch._foreach_div(m_hat, denom)
             b_exp_avg_true_sqs = [exp_avg_true_sqs[i] for i in index]
             b_stats = [stats[i] if stats[i].dtype == state_dtype else stats[i].to(state_dtype) for i in index]
             torch._foreach_lerp_(b_exp_avg_true_sqs, b_stats, 1 - beta3)
             del b_stats
-            denom = torch._foreach_div(b_exp_avg_true_sqs, [c[2] for c in corrections])
-            torch._foreach_sqrt_(denom)
-            torch._foreach_clamp_min_(denom, eps)
-            torch._foreach_div_(m_hat, denom)
-            del denom
             if graft:
+                # adam / k_v first (needed for its norm only), so that at most two
+                # temporaries are alive at a time
+                denom = torch._foreach_sqrt(b_exp_avg_sqs)
+                torch._foreach_clamp_min_(denom, [c.eps_v for c in cs])
+                adam = torch._foreach_div(b_exp_avgs, denom)
+                del denom
                 norm_adam = torch._foreach_norm(adam)
-                norm_true = torch._foreach_norm(m_hat)
-                torch._foreach_add_(norm_true, eps)
+                del adam
+                denom = torch._foreach_sqrt(b_exp_avg_true_sqs)
+                torch._foreach_clamp_min_(denom, [c.eps_u for c in cs])
+                true = torch._foreach_div(b_exp_avgs, denom)
+                del denom
+                norm_true = torch._foreach_norm(true)
+                torch._foreach_add_(norm_true, [eps / c.k_u for c in cs])
                 torch._foreach_div_(norm_adam, norm_true)
-                torch._foreach_mul_(m_hat, norm_adam)
-            del adam
-            update = m_hat
-
-        if b_params[0].dtype == state_dtype:
-            torch._foreach_mul_(b_params, 1 - lr * weight_decay)
-            torch._foreach_add_(b_params, update, alpha=-lr)
-        else:
-            full = [p.to(state_dtype) for p in b_params]
-            torch._foreach_mul_(full, 1 - lr * weight_decay)
-            torch._foreach_add_(full, update, alpha=-lr)
+                torch._foreach_mul_(norm_adam, [-lr * c.k_v for c in cs])
+                torch._foreach_addcmul_(full, true, norm_adam)
+            else:
+                denom = torch._foreach_sqrt(b_exp_avg_true_sqs)
+                torch._foreach_clamp_min_(denom, [c.eps_u for c in cs])
+                torch._foreach_addcdiv_(full, b_exp_avgs, denom, [-lr * c.k_u for c in cs])
+        if full is not b_params:
             torch._foreach_copy_(b_params, full)
 
 

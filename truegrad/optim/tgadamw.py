@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer, _get_foreach_kernels_supported_devices
 
 from truegrad import statistic
 from truegrad.optim._functional import tgadamw
@@ -281,7 +281,7 @@ class TGAdamW(Optimizer):
                 continue
             foreach, fused = group["foreach"], group["fused"]
             if foreach is None and not fused:
-                _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+                foreach = _default_foreach(params)
             beta1, beta2, beta3 = group["betas"]
             tgadamw(
                 params,
@@ -303,6 +303,16 @@ class TGAdamW(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
+
+
+def _default_foreach(params: list[torch.Tensor]) -> bool:
+    """torch.optim's default choice (foreach where its kernels exist: CUDA and the like,
+    not CPU), except that Parameter subclasses such as ``TrueGradParameter`` count as the
+    tensors they are (torch's own check compares exact types and would refuse them)."""
+    devices = _get_foreach_kernels_supported_devices()
+    return not torch.jit.is_scripting() and all(
+        p.device.type in devices and p.is_floating_point() for p in params
+    )
 
 
 def _describe(p: torch.Tensor, index: int, name: str | None) -> str:

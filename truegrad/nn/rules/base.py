@@ -46,6 +46,8 @@ __all__ = [
     "forget",
     "in_functorch",
     "record_use",
+    "release_scratch",
+    "scratch",
     "should_track",
     "stat_dtype",
     "tracked",
@@ -86,6 +88,30 @@ def apply(function: type[torch.autograd.Function], *args: object) -> torch.Tenso
     and runs it eagerly (its neighbours still compile).
     """
     return function.apply(*args)
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable buffer for one chunk of per-sample gradients (see :func:`contribute`'s
+    ``scratch_per_sample``). Fresh large CPU tensors are page-faulted in on every
+    backward, which costs as much as squaring them; one buffer per device and dtype, as
+    large as the largest chunk so far (at most ``settings.chunk_bytes`` plus one
+    sample), avoids that. Only valid until the next call."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    key = (device, dtype)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free the buffers kept by :func:`scratch`."""
+    _SCRATCH.clear()
 
 
 def stat_dtype(param: torch.Tensor) -> torch.dtype:
@@ -206,6 +232,7 @@ def contribute(
     squared: Callable[[], torch.Tensor] | None = None,
     *,
     ctx: Any = None,
+    scratch_per_sample: bool = False,
 ) -> None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
@@ -216,6 +243,8 @@ def contribute(
         squared: optional exact shortcut returning ``sum_n g_n**2`` directly, as a fresh
             tensor (it may be stored as the statistic without a copy).
         ctx: the autograd context that recorded this use with :func:`record_use`.
+        scratch_per_sample: ``per_sample`` writes into :func:`scratch` (its result may be
+            squared in place and is only valid until the next call).
     """
     if param is None or in_functorch():
         return
@@ -259,7 +288,8 @@ def contribute(
     chunk = max(1, settings.chunk_bytes // per_sample_bytes)
     total: torch.Tensor | None = None
     for start in range(0, n_samples, chunk):
-        part = per_sample(start, min(n_samples, start + chunk)).square().sum(0)
+        grads = per_sample(start, min(n_samples, start + chunk))
+        part = (grads.square_() if scratch_per_sample else grads.square()).sum(0)
         total = part if total is None else total.add_(part)
     if total is not None:
         statistic.add(param, total, owned=True)

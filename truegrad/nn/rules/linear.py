@@ -90,9 +90,12 @@ def _statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_d
     n = input.shape[0]
     dy3 = grad_output.reshape(n, -1, out_features).to(sdt)
     x3 = input.reshape(n, -1, in_features).to(sdt)
-    base.contribute(
-        ctx.weight_param, n, lambda s, e: torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e]), ctx=ctx
-    )
+
+    def per_sample_weight(s: int, e: int) -> torch.Tensor:
+        out = base.scratch((e - s, out_features, in_features), sdt, dy3.device)
+        return torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e], out=out)
+
+    base.contribute(ctx.weight_param, n, per_sample_weight, ctx=ctx, scratch_per_sample=True)
     base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1), ctx=ctx)
 
 

@@ -204,3 +204,15 @@ def test_bad_input_is_a_clear_error() -> None:
         get_backend("nn").prepare(model)
     handle.undo()
     get_backend("nn").prepare(model).undo()  # fine once undone
+
+
+def test_undo_removes_the_hooks_the_rules_attached() -> None:
+    from truegrad.nn.rules import base
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    handle = convert(model)
+    model(torch.randn(5, 3)).sum().backward()
+    assert all(p in base._STATE for p in model.parameters())
+    handle.undo()
+    assert not any(p in base._STATE for p in model.parameters())
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())

@@ -22,9 +22,10 @@ import torch
 from truegrad import _names
 from truegrad.backends.base import Handle
 from truegrad.nn import REGISTRY
+from truegrad.nn.rules import base
 from truegrad.nn.rules.registry import Registry, Rule
 
-__all__ = ["convert_modules", "conversion_target", "is_converted"]
+__all__ = ["convert_modules", "conversion_target"]
 
 _MIXED: dict[tuple[type, type], type] = {}
 
@@ -39,11 +40,6 @@ def _mixed_class(original: type, module_type: type) -> type:
              "_truegrad_original": original},
         )
     return _MIXED[key]
-
-
-def is_converted(module: torch.nn.Module, registry: Registry = REGISTRY) -> bool:
-    rule = registry.lookup(type(module))
-    return rule is not None and isinstance(module, rule.module_type)
 
 
 def conversion_target(module: torch.nn.Module, registry: Registry = REGISTRY) -> tuple[Rule | None, type | None, str | None]:
@@ -85,6 +81,8 @@ def convert_modules(model: torch.nn.Module, registry: Registry = REGISTRY) -> Ha
     def restore() -> None:
         for module, original in reversed(changed):
             module.__class__ = original
+        # hooks and use records the rules attached to the parameters
+        base.forget([p for module, _ in changed for p in module.parameters(recurse=False)])
 
     handle.on_undo(restore)
     return handle

@@ -40,7 +40,6 @@ from truegrad.nn import settings
 __all__ = [
     "BatchSizeWarning",
     "apply",
-    "compute_dtype_of",
     "contribute",
     "discard_pending",
     "forget",
@@ -115,11 +114,8 @@ def release_scratch() -> None:
 
 
 def stat_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype per-sample products of ``param`` are formed in (float32, or float64)."""
     return statistic.statistic_dtype(param.dtype)
-
-
-def compute_dtype_of(output: torch.Tensor) -> torch.dtype:
-    return output.dtype
 
 
 @dataclasses.dataclass

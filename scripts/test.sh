@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec "$VENV/bin/python" -m pytest "$@"

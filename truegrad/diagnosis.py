@@ -33,7 +33,7 @@ import math
 import statistics as stats
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -162,16 +162,6 @@ def _bytes(n: int | None) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def _as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, Sequence) and not isinstance(inputs, str):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -225,7 +215,7 @@ class _Step:
         context: Callable[[], Any],
     ) -> None:
         self.model = model
-        self.args, self.kwargs = _as_args(inputs)
+        self.args, self.kwargs = testing._as_args(inputs)
         self.loss_fn = loss_fn
         self.targets = targets
         self.context = context

@@ -120,12 +120,16 @@ def _check_independent_samples(model: torch.nn.Module) -> None:
             )
 
 
-def _as_args(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Model call arguments: a tensor or other single object, a sequence of positional
+    arguments, or a mapping of keyword arguments."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
-    return tuple(inputs), {}
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def _batch_size(args: Any, batch_dim: int) -> int:

@@ -136,7 +136,7 @@ def _finalize(param: torch.Tensor) -> None:
     if state is None or state.pending is None:
         return
     pending, state.pending = state.pending, None
-    statistic.add(param, pending.square().sum(0), owned=True)
+    statistic.add_sum_of_squares(param, pending)
 
 
 def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -30,6 +31,49 @@ def _flattening_strategies() -> tuple[type, ...]:
     return tuple(getattr(strategies, n) for n in names if hasattr(strategies, n))
 
 
+_CLIP_METHODS = {"clip_grad_by_norm": "clip_norm", "clip_grad_by_value": "clip_value"}
+
+
+def _clip_wrapper(plugin: Any, original: Any, keyword: str) -> Any:
+    """``original`` (a bound ``clip_grad_by_*`` of ``plugin``), preceded by the statistic's
+    share of that clip: ``fix_statistics_`` computes the factor from the gradients as they
+    are right now and the clip value of this very call."""
+
+    def clip(optimizer: Any, clip_val: float, *args: Any, **kwargs: Any) -> Any:
+        fix_statistics_(plugin.main_params(optimizer), **{keyword: clip_val})
+        return original(optimizer, clip_val, *args, **kwargs)
+
+    clip._truegrad_clip = True  # type: ignore[attr-defined]
+    return clip
+
+
+@contextlib.contextmanager
+def _intercept_clipping(plugin: Any) -> Iterator[None]:
+    """Wrap ``plugin.clip_grad_by_norm`` / ``clip_grad_by_value`` on the instance so that
+    every clip also applies its factor to the statistic (see :class:`TrueGradCallback`).
+
+    Idempotent: a plugin already wrapped (a second callback instance, a second ``setup``)
+    is left alone, and only the context that installed a wrapper removes it. On exit the
+    instance gets back exactly what it had (its class's method or an earlier instance
+    attribute).
+    """
+    installed: list[tuple[str, bool, Any]] = []
+    for name, keyword in _CLIP_METHODS.items():
+        current = getattr(plugin, name, None)
+        if current is None or getattr(current, "_truegrad_clip", False):
+            continue
+        installed.append((name, name in vars(plugin), vars(plugin).get(name)))
+        setattr(plugin, name, _clip_wrapper(plugin, current, keyword))
+    try:
+        yield
+    finally:
+        for name, had_own, previous in reversed(installed):
+            if had_own:
+                setattr(plugin, name, previous)
+            elif getattr(vars(plugin).get(name), "_truegrad_clip", False):
+                delattr(plugin, name)
+
+
 class TrueGradCallback(Callback):
     r"""Make every backward of the LightningModule write ``p.sum_grad_squared`` and keep
     it consistent with the gradient the optimizer steps with.
@@ -38,9 +82,29 @@ class TrueGradCallback(Callback):
     ``Parameter`` objects; a model built in ``configure_model`` is converted right after
     it is built). Once per optimizer step (``on_before_optimizer_step``) the statistic is
     divided by ``S**2`` under a GradScaler, summed over DDP ranks in one all-reduce and
-    divided by ``W**2``, and multiplied by the square of the gradient-clipping factor
-    that Lightning applies next (CONTRACT.md section 3). The conversion is undone at
+    divided by ``W**2`` (CONTRACT.md section 3). The conversion is undone at
     ``teardown`` and when training raises.
+
+    Gradient clipping is taken from the clip call itself, not predicted from the
+    Trainer's settings: while fitting, the precision plugin's ``clip_grad_by_norm`` and
+    ``clip_grad_by_value`` (the two methods every Lightning clipping path ends in:
+    ``Trainer(gradient_clip_val=...)``, an overridden ``configure_gradient_clipping``
+    that clips with its own values or skips steps, and ``self.clip_gradients(...)`` in
+    manual optimization) are wrapped on the plugin instance. Right before each real clip
+    the wrapper multiplies the statistic by the square of the factor that this call
+    applies, computed from the very gradients and clip value it receives with torch's
+    own formula (norm: ``clamp(max_norm / (total_norm + 1e-6), max=1)``; value: per
+    element ``(clamped / unclamped)**2``, ``0/0`` counting as 1), as tensors, without a
+    host sync. A step that does not clip gets no factor. In automatic optimization
+    clipping runs after ``on_before_optimizer_step``, so the factor multiplies the
+    unscaled, reduced statistic; in manual optimization the user clips before it, and
+    the factor multiplies the local statistic before the ``1/S**2`` and the reduction.
+    Both orders give the same result: the factor is a multiplier that is identical on
+    every rank (DDP has averaged the gradients it is computed from), and in manual
+    optimization with a GradScaler it is the factor Lightning really applied to the
+    still-scaled gradients. Clipping that bypasses Lightning (calling
+    ``torch.nn.utils.clip_grad_norm_`` directly) is not seen: use ``self.clip_gradients``.
+    The wrappers are removed at ``teardown`` and when training raises.
 
     Gradient noise scale (``log_statistics=True``). With ``N`` samples per optimizer step
     (over accumulation and ranks), a loss that is the **mean** over those samples,
@@ -58,7 +122,8 @@ class TrueGradCallback(Callback):
     (McCandlish et al. 2018), logged as ``truegrad/noise_scale`` together with
     ``truegrad/trace_sigma``, ``truegrad/grad_sq_norm`` and ``truegrad/coverage`` (the
     fraction of trainable elements that carry a statistic). Values are computed after
-    loss unscaling and the DDP reduction, before clipping. ``N`` is counted from the
+    loss unscaling and the DDP reduction, before the Trainer's clipping (in manual
+    optimization: after whatever clipping ``training_step`` did). ``N`` is counted from the
     batches (``extract_batch_size`` times the world size).
 
     Args:
@@ -103,6 +168,7 @@ class TrueGradCallback(Callback):
         self._module: pl.LightningModule | None = None
         self._resources = contextlib.ExitStack()  # chunk_bytes setting, active while fitting
         self._backward = contextlib.ExitStack()  # backend.backward_context of one backward
+        self._clipping = contextlib.ExitStack()  # clipping interception, active while set up
         self._samples = 0  # samples seen in the current optimizer step (for logging)
         self._loaded_state: dict[str, Any] = {}  # what load_state_dict received
 
@@ -149,6 +215,7 @@ class TrueGradCallback(Callback):
             if hasattr(vars(module)["configure_model"], "_truegrad_original"):
                 del module.configure_model
         self._module = None
+        self._clipping.close()
         self._resources.close()
 
     @override
@@ -166,6 +233,8 @@ class TrueGradCallback(Callback):
             self._resources.enter_context(settings.configure(chunk_bytes=self.chunk_bytes))
         self._prepare(pl_module)
         self._wrap_configure_model(pl_module)
+        self._clipping.close()
+        self._clipping.enter_context(_intercept_clipping(trainer.precision_plugin))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -254,35 +323,16 @@ class TrueGradCallback(Callback):
         if scaler is not None and scaler.is_enabled():
             scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
             loss_scale = scale if scale is not None else scaler.get_scale()
-        clip_norm = clip_value = None
-        clip_val = trainer.gradient_clip_val
-        if pl_module.automatic_optimization and clip_val is not None and clip_val > 0:
-            algorithm = trainer.gradient_clip_algorithm
-            algorithm = str(getattr(algorithm, "value", algorithm))
-            if algorithm == "value":
-                clip_value = float(clip_val)
-            else:
-                clip_norm = float(clip_val)
         world_size = trainer.world_size
         reduce = None
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if world_size > 1 and distributed:
             reduce = torch.distributed.all_reduce
-        if not self.log_statistics:
-            fix_statistics_(
-                params,
-                loss_scale=loss_scale,
-                all_reduce=reduce,
-                world_size=world_size,
-                clip_norm=clip_norm,
-                clip_value=clip_value,
-            )
-            return
-        # logged values are taken after unscaling and reduction, before clipping
+        # clipping is applied by the wrapped precision plugin (_intercept_clipping)
         fix_statistics_(params, loss_scale=loss_scale, all_reduce=reduce, world_size=world_size)
-        self._log(trainer, params)
-        self._samples = 0  # reset
-        fix_statistics_(params, clip_norm=clip_norm, clip_value=clip_value)
+        if self.log_statistics:
+            self._log(trainer, params)
+            self._samples = 0
 
     def _log(self, trainer: pl.Trainer, params: list[torch.Tensor]) -> None:
         if not trainer._logger_connector.should_update_logs or not trainer.loggers:

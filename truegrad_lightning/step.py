@@ -10,6 +10,12 @@ optimizer's units, in this order:
 3. clipping: multiply by the norm-clipping factor squared, or, for value clipping,
    elementwise by ``(clamped / unclamped)**2`` (``0/0`` counts as 1).
 
+The clipping factor is computed from the gradients as they are at the call, with torch's
+own formula, so the call must come right before the clip it describes. The Lightning
+callback calls it with only ``clip_norm``/``clip_value`` from inside the precision
+plugin's ``clip_grad_by_*`` (so it sees the clip that really happens, whoever asked for
+it); the Fabric helper calls it with everything, before ``fabric.clip_gradients``.
+
 All factors stay tensors: nothing here synchronises with the host.
 """
 

@@ -68,7 +68,14 @@ def fit_summary(trainer: Trainer) -> str:
         f"{name}={value:.4f}" if math.isfinite(value) else f"{name}={value}"
         for name, value in metrics.items()
     )
-    parts = [f"fit done: {trainer.global_step} steps, {trainer.current_epoch} epochs"]
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        # ddp_fork / ddp_spawn: the loops ran in the workers; weights, metrics and the
+        # checkpoint path came back, the step counters did not
+        parts = [f"fit done in {trainer.world_size} worker processes"]
+    else:
+        parts = [f"fit done: {trainer.global_step} steps, {trainer.current_epoch} epochs"]
     parts.append(shown or "no validation metrics")
     checkpoint = trainer.checkpoint_callback
     path = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "last_model_path", "")

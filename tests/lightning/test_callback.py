@@ -157,9 +157,12 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-4, atol_factor: 
         assert bool(((a - e).abs() <= bound).all()), f"{name}: relative error {err:.3e}"
 
 
-@pytest.mark.parametrize(
+ALL_BACKENDS = pytest.mark.parametrize(
     "backend", ["nn", "patch_torch", "patch_model", pytest.param("backpack", marks=BACKPACK)]
 )
+
+
+@ALL_BACKENDS
 def test_single_step_matches_oracle(backend: str) -> None:
     net = zoo.mlp()
     expected = oracle(net)
@@ -171,15 +174,20 @@ def test_single_step_matches_oracle(backend: str) -> None:
     assert all(type(p) is torch.nn.Parameter for p in net.parameters())
 
 
-def test_accumulation_equals_one_large_batch() -> None:
+@ALL_BACKENDS
+def test_accumulation_equals_one_large_batch(backend: str) -> None:
     net = zoo.mlp()
     expected = oracle(net)
-    recorded = fit(Module(net), batch_size=N_SAMPLES // 2, accumulate_grad_batches=2)
+    recorded = fit(
+        Module(net), batch_size=N_SAMPLES // 2, accumulate_grad_batches=2,
+        callbacks=[TrueGradCallback(backend=backend)],
+    )
     assert len(recorded) == 1
     assert_close(recorded[0], expected)
 
 
-def test_fp16_scaler_within_tolerance_and_inf_step_skipped() -> None:
+@ALL_BACKENDS
+def test_fp16_scaler_within_tolerance_and_inf_step_skipped(backend: str) -> None:
     net = zoo.mlp()
     expected_first = oracle(net, slice(0, 4))
     expected_second = oracle(net, slice(4, 8))
@@ -191,6 +199,7 @@ def test_fp16_scaler_within_tolerance_and_inf_step_skipped() -> None:
         max_steps=-1,
         max_epochs=1,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[TrueGradCallback(backend=backend)],
     )
     # the inf step is skipped by the scaler: step() runs once, for the second batch only,
     # and the skipped window's statistic does not leak into it
@@ -202,19 +211,22 @@ def test_fp16_scaler_within_tolerance_and_inf_step_skipped() -> None:
         Module(net),
         batch_size=4,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=cpu_scaler())],
+        callbacks=[TrueGradCallback(backend=backend)],
     )
     assert_close(recorded[0], expected_first, rtol=1e-3, atol_factor=1e-3)
 
 
-def test_bf16_mixed_within_tolerance() -> None:
+@ALL_BACKENDS
+def test_bf16_mixed_within_tolerance(backend: str) -> None:
     net = zoo.mlp()
     expected = oracle(net)
-    recorded = fit(Module(net), precision="bf16-mixed")
+    recorded = fit(Module(net), precision="bf16-mixed", callbacks=[TrueGradCallback(backend=backend)])
     assert_close(recorded[0], expected, rtol=2e-2, atol_factor=2e-2)
 
 
+@ALL_BACKENDS
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
-def test_gradient_clipping(algorithm: str) -> None:
+def test_gradient_clipping(algorithm: str, backend: str) -> None:
     net = zoo.mlp()
     x, y = data().tensors
     clip = 0.05 if algorithm == "norm" else 0.01
@@ -231,23 +243,28 @@ def test_gradient_clipping(algorithm: str) -> None:
             ratio = torch.where(g == 0, torch.ones_like(g), g.clamp(-clip, clip) / g)
             expected[n] = s * ratio**2
         assert any(bool((g.abs() > clip).any()) for g in result.grad.values())
-    recorded = fit(Module(net), gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    recorded = fit(
+        Module(net), gradient_clip_val=clip, gradient_clip_algorithm=algorithm,
+        callbacks=[TrueGradCallback(backend=backend)],
+    )
     assert_close(recorded[0], expected)
 
 
-def test_manual_optimization() -> None:
+@ALL_BACKENDS
+def test_manual_optimization(backend: str) -> None:
     net = zoo.mlp()
     expected = oracle(net)
-    recorded = fit(ManualModule(net))
+    recorded = fit(ManualModule(net), callbacks=[TrueGradCallback(backend=backend)])
     assert len(recorded) == 1
     assert_close(recorded[0], expected)
 
 
-def test_model_built_in_configure_model() -> None:
+@ALL_BACKENDS
+def test_model_built_in_configure_model(backend: str) -> None:
     reference = zoo.mlp()
     expected = oracle(reference)
     module = ConfigureModelModule(reference.state_dict())
-    recorded = fit(module, callbacks=[TrueGradCallback(backend="nn")])
+    recorded = fit(module, callbacks=[TrueGradCallback(backend=backend)])
     assert_close(recorded[0], expected)
     assert "configure_model" not in vars(module)  # the wrapper is removed at teardown
 
@@ -273,9 +290,16 @@ class _CheckInWorker(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    "strategy", ["ddp_fork", pytest.param("ddp_spawn", marks=pytest.mark.slow)]
+    ("strategy", "backend"),
+    [
+        ("ddp_fork", "nn"),
+        ("ddp_fork", "patch_torch"),
+        ("ddp_fork", "patch_model"),
+        pytest.param("ddp_fork", "backpack", marks=BACKPACK),
+        pytest.param("ddp_spawn", "patch_torch", marks=pytest.mark.slow),
+    ],
 )
-def test_ddp_equals_one_process(tmp_path: Path, strategy: str) -> None:
+def test_ddp_equals_one_process(tmp_path: Path, strategy: str, backend: str) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     net = zoo.mlp()
@@ -283,7 +307,7 @@ def test_ddp_equals_one_process(tmp_path: Path, strategy: str) -> None:
     t = trainer(
         devices=2,
         strategy=strategy,
-        callbacks=[TrueGradCallback(), _CheckInWorker(tmp_path, expected)],
+        callbacks=[TrueGradCallback(backend=backend), _CheckInWorker(tmp_path, expected)],
     )
     t.fit(Module(net), DataLoader(data(), batch_size=N_SAMPLES // 2, shuffle=False))
     # an assertion failing in a worker fails fit(); the markers prove both workers checked

@@ -83,7 +83,7 @@ def fit_summary(trainer: Trainer) -> str:
     csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     if csv is not None:
         parts.append(f"metrics CSV: {csv.experiment.metrics_file_path}")
-    elif trainer.loggers:
+    elif trainer.loggers and trainer.loggers[0].log_dir:
         parts.append(f"logs: {trainer.loggers[0].log_dir}")
     return " | ".join(parts)
 

@@ -1,4 +1,12 @@
-"""TGAdamW step with ``torch.compile``-generated (Inductor) kernels.
+"""TGAdamW ``fused=True``: the C kernel of ``_native.py`` on the CPU, ``torch.compile``-generated
+(Inductor) kernels elsewhere.
+
+CPU parameters take the C kernel (``NATIVE_CPU``; compiled on first use in about a
+second, then cached on disk) and its 12 element passes per grafted parameter, one C
+call per dtype and step: measured 1.9x ``torch.optim.AdamW(fused=True)`` on 10M float32
+parameters in 99 tensors (the Inductor kernels below: 3x, after ~6-9 s of
+``torch.compile``). Where no C compiler works, CPU parameters fall back to the Inductor
+kernels. The rest of this docstring describes those.
 
 Per parameter of ``numel`` n, with contiguous 1-D aliases of the parameter ``p``, its
 gradient ``g``, statistic ``s`` and state ``m, v, u`` (all of shape ``(n,)``; ``m, v,
@@ -43,14 +51,18 @@ from typing import Any
 
 import torch
 
+from truegrad.optim import _native
 from truegrad.optim._functional import _multi_tensor_tgadamw, _step_scalars
 
-__all__ = ["MIN_NUMEL", "compiled_kernels"]
+__all__ = ["MIN_NUMEL", "NATIVE_CPU", "compiled_kernels"]
 
 Tensor = torch.Tensor
 
 #: Parameters with fewer elements take the ``torch._foreach`` path (see module docstring).
 MIN_NUMEL = 1 << 15
+
+#: CPU parameters take the C kernel of ``_native.py`` when it compiles (see module docstring).
+NATIVE_CPU = True
 
 # Layout of the scalar tensor ``h`` (state dtype, parameter's device).
 _SIGN, _W1, _B2, _W2, _W3, _EPS_V, _EPS_U, _EPS_T, _STEP_V, _STEP_U, _DECAY = range(11)
@@ -170,23 +182,35 @@ def _fused_tgadamw(
     maximize: bool,
 ) -> None:
     lists = (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps)
+    hyper = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        eps=eps,
+        weight_decay=weight_decay,
+        graft=graft,
+        maximize=maximize,
+    )
+    if NATIVE_CPU and any(p.device.type == "cpu" for p in params):
+        lib = _native.library(build=True)
+        if lib is not None:  # CPU parameters: the C kernel (_native.py); others continue here
+            cpu = [i for i, p in enumerate(params) if p.device.type == "cpu"]
+            if len(cpu) == len(params):
+                _native._native_tgadamw(*lists, lib=lib, **hyper)
+                return
+            _native._native_tgadamw(*([lst[i] for i in cpu] for lst in lists), lib=lib, **hyper)
+            other = [i for i, p in enumerate(params) if p.device.type != "cpu"]
+            lists = tuple([lst[i] for i in other] for lst in lists)
+            params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps = lists
+
     fused, rest = [], []
     for i, param in enumerate(params):
         tensors = [param, grads[i], stats[i], exp_avgs[i], exp_avg_sqs[i], exp_avg_true_sqs[i]]
         big = param.numel() >= MIN_NUMEL
         (fused if big and not grads[i].is_sparse and _is_fusable(tensors) else rest).append(i)
     if rest:
-        _multi_tensor_tgadamw(
-            *([lst[i] for i in rest] for lst in lists),
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            beta3=beta3,
-            eps=eps,
-            weight_decay=weight_decay,
-            graft=graft,
-            maximize=maximize,
-        )
+        _multi_tensor_tgadamw(*([lst[i] for i in rest] for lst in lists), **hyper)
     if not fused:
         return
 

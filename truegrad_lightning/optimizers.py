@@ -14,23 +14,21 @@ import difflib
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.types import OptimizerConfig, OptimizerLRSchedulerConfig
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 from truegrad.optim import TGAdamW
+from truegrad_lightning.schedules import _SCHEDULES, Schedule, WarmupCosineLR, lr_factor
 
 __all__ = ["Schedule", "configure_optimizers", "lr_factor", "param_groups"]
 
 log = logging.getLogger(__name__)
 
-Schedule = Literal["cosine", "linear", "constant"]
-_SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 #: Modules whose parameters never get weight decay, whatever their shape.
 #: ``_NormBase`` covers BatchNorm*, SyncBatchNorm and InstanceNorm* (and their lazy forms);
@@ -148,65 +146,6 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def lr_factor(
-    step: int,
-    *,
-    schedule: Schedule,
-    warmup_steps: int,
-    total_steps: int | float,
-    min_lr_ratio: float,
-) -> float:
-    r"""The learning-rate multiplier after ``step`` optimizer steps (what ``LambdaLR`` uses).
-
-    With :math:`W` = ``warmup_steps``, :math:`T` = ``total_steps``, :math:`m` =
-    ``min_lr_ratio``, and :math:`p = \min(1, (s - W) / \max(1, T - W))`:
-
-    - :math:`s < W`: :math:`(s + 1) / (W + 1)` (linear warmup, as in nanoGPT);
-    - ``"cosine"``: :math:`m + (1 - m)\,(1 + \cos \pi p) / 2`;
-    - ``"linear"``: :math:`m + (1 - m)(1 - p)`;
-    - ``"constant"``: :math:`1`.
-
-    The factor is 1 at :math:`s = W` and reaches :math:`m` at :math:`s = T` (after the
-    last step), then stays there. ``total_steps`` may be ``inf`` for ``"constant"``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
-
-
-class _LRFactor:
-    """Picklable ``lr_lambda`` whose settings land in ``LambdaLR.state_dict()`` (plain
-    Python values, so checkpoints load with ``weights_only=True``)."""
-
-    def __init__(
-        self, schedule: Schedule, warmup_steps: int, total_steps: int | float, min_lr_ratio: float
-    ) -> None:
-        self.schedule = schedule
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(
-            step,
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps,
-            min_lr_ratio=self.min_lr_ratio,
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(schedule={self.schedule!r}, warmup_steps={self.warmup_steps}, "
-            f"total_steps={self.total_steps}, min_lr_ratio={self.min_lr_ratio})"
-        )
-
-
 def configure_optimizers(
     module: nn.Module,
     *,
@@ -224,7 +163,8 @@ def configure_optimizers(
 
     The optimizer gets two parameter groups from :func:`param_groups` (decay and
     no-decay; frozen parameters left out, tied ones once, parameter names attached).
-    The schedule is a ``LambdaLR`` stepped after every optimizer step (see
+    The schedule is a :class:`~truegrad_lightning.schedules.WarmupCosineLR` (a
+    ``LambdaLR``) stepped after every optimizer step (see
     :func:`lr_factor`): linear warmup over ``warmup_steps``, then cosine (or linear)
     decay to ``min_lr_ratio * lr`` at the end of training, or constant.
 
@@ -250,7 +190,7 @@ def configure_optimizers(
 
     Returns:
         ``{"optimizer": opt}`` for ``schedule="constant"`` without warmup, otherwise
-        ``{"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR, "interval":
+        ``{"optimizer": opt, "lr_scheduler": {"scheduler": WarmupCosineLR, "interval":
         "step", "frequency": 1}}``.
 
     Raises:
@@ -334,7 +274,13 @@ def configure_optimizers(
             f"warmup_steps={warmup_steps} ({warmup} steps) is longer than training "
             f"({total} steps)"
         )
-    scheduler = LambdaLR(opt, _LRFactor(schedule, warmup, total, min_lr_ratio))
+    scheduler = WarmupCosineLR(
+        opt,
+        total_steps=int(total) if math.isfinite(total) else None,
+        warmup_steps=warmup,
+        min_lr_ratio=min_lr_ratio,
+        schedule=schedule,
+    )
     return {
         "optimizer": opt,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

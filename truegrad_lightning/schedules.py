@@ -17,13 +17,46 @@ built-in models (:class:`truegrad_lightning.models.TrueGradModule`) fill it in f
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from truegrad_lightning.optimizers import Schedule, _SCHEDULES, lr_factor
+__all__ = ["Schedule", "WarmupCosineLR", "lr_factor"]
 
-__all__ = ["WarmupCosineLR"]
+Schedule = Literal["cosine", "linear", "constant"]
+_SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
+def lr_factor(
+    step: int,
+    *,
+    schedule: Schedule,
+    warmup_steps: int,
+    total_steps: int | float,
+    min_lr_ratio: float,
+) -> float:
+    r"""The learning-rate multiplier after ``step`` optimizer steps (what ``LambdaLR`` uses).
+
+    With :math:`W` = ``warmup_steps``, :math:`T` = ``total_steps``, :math:`m` =
+    ``min_lr_ratio``, and :math:`p = \min(1, (s - W) / \max(1, T - W))`:
+
+    - :math:`s < W`: :math:`(s + 1) / (W + 1)` (linear warmup, as in nanoGPT);
+    - ``"cosine"``: :math:`m + (1 - m)\,(1 + \cos \pi p) / 2`;
+    - ``"linear"``: :math:`m + (1 - m)(1 - p)`;
+    - ``"constant"``: :math:`1`.
+
+    The factor is 1 at :math:`s = W` and reaches :math:`m` at :math:`s = T` (after the
+    last step), then stays there. ``total_steps`` may be ``inf`` for ``"constant"``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
 
 
 class _ScheduleFactor:
@@ -43,25 +76,22 @@ class _ScheduleFactor:
         self.min_lr_ratio = min_lr_ratio
 
     def resolved_warmup(self) -> int:
+        """Warmup in steps (a fraction is resolved against ``total_steps``, which
+        ``__call__`` and ``set_total_steps`` make sure is known by then)."""
         if isinstance(self.warmup_steps, float):
-            if self.total_steps is None:
-                raise RuntimeError(
-                    f"WarmupCosineLR(warmup_steps={self.warmup_steps}) is a fraction of "
-                    "total_steps, which is not known yet: pass total_steps=... or call "
-                    "set_total_steps(...) before stepping"
-                )
-            return round(self.warmup_steps * self.total_steps)
+            return round(self.warmup_steps * self.total_steps)  # type: ignore[operator]
         return self.warmup_steps
 
     def __call__(self, step: int) -> float:
-        if self.total_steps is None:
+        if self.total_steps is None and (
+            self.schedule != "constant" or isinstance(self.warmup_steps, float)
+        ):
             if step == 0:  # LambdaLR.__init__ evaluates step 0; set_total_steps redoes it
                 return 1.0
-            if self.schedule != "constant" or isinstance(self.warmup_steps, float):
-                raise RuntimeError(
-                    f"WarmupCosineLR(schedule={self.schedule!r}) stepped before its "
-                    "total_steps was set: pass total_steps=... or call set_total_steps(...)"
-                )
+            raise RuntimeError(
+                f"WarmupCosineLR(schedule={self.schedule!r}) stepped before its "
+                "total_steps was set: pass total_steps=... or call set_total_steps(...)"
+            )
         total: int | float = math.inf if self.total_steps is None else self.total_steps
         return lr_factor(
             step,

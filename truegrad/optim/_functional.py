@@ -94,6 +94,11 @@ def _step_scalars(
     return _StepScalars(eps * sqrt_bc2, eps * sqrt_bc3, sqrt_bc2 / bc1, sqrt_bc3 / bc1)
 
 
+def _pick(index: list[int], lists: tuple[list, ...]) -> tuple[list, ...]:
+    """Entries ``index`` of each of the parallel per-parameter lists (params, grads, ...)."""
+    return tuple([lst[i] for i in index] for lst in lists)
+
+
 # ----------------------------------------------------------------- single tensor
 
 def _single_tensor_tgadamw(
@@ -120,7 +125,7 @@ def _single_tensor_tgadamw(
         # the unchunked loop below, bitwise the same results on CPU)
         lists = (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps)
         _multi_tensor_tgadamw(
-            *([lst[i] for i in small] for lst in lists),
+            *_pick(small, lists),
             lr=lr,
             beta1=beta1,
             beta2=beta2,
@@ -133,8 +138,8 @@ def _single_tensor_tgadamw(
         if len(small) == len(params):
             return
         large = sorted(set(range(len(params))) - set(small))
-        params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps = (
-            [lst[i] for i in large] for lst in lists
+        params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps = _pick(
+            large, lists
         )
     decay = 1.0 - lr * weight_decay
     cpu_scratch: Tensor | None = None  # as large as the largest CPU parameter, for this call only

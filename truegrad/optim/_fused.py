@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from truegrad.optim import _native
-from truegrad.optim._functional import _multi_tensor_tgadamw, _step_scalars
+from truegrad.optim._functional import _multi_tensor_tgadamw, _pick, _step_scalars
 
 __all__ = ["MIN_NUMEL", "NATIVE_CPU", "compiled_kernels"]
 
@@ -199,9 +199,9 @@ def _fused_tgadamw(
             if len(cpu) == len(params):
                 _native._native_tgadamw(*lists, lib=lib, **hyper)
                 return
-            _native._native_tgadamw(*([lst[i] for i in cpu] for lst in lists), lib=lib, **hyper)
+            _native._native_tgadamw(*_pick(cpu, lists), lib=lib, **hyper)
             other = [i for i, p in enumerate(params) if p.device.type != "cpu"]
-            lists = tuple([lst[i] for i in other] for lst in lists)
+            lists = _pick(other, lists)
             params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps = lists
 
     fused, rest = [], []
@@ -210,7 +210,7 @@ def _fused_tgadamw(
         big = param.numel() >= MIN_NUMEL
         (fused if big and not grads[i].is_sparse and _is_fusable(tensors) else rest).append(i)
     if rest:
-        _multi_tensor_tgadamw(*([lst[i] for i in rest] for lst in lists), **hyper)
+        _multi_tensor_tgadamw(*_pick(rest, lists), **hyper)
     if not fused:
         return
 

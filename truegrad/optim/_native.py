@@ -61,7 +61,7 @@ import torch
 import torch._appdirs
 from torch.autograd.graph import increment_version
 
-from truegrad.optim._functional import _single_tensor_tgadamw, _step_scalars
+from truegrad.optim._functional import _pick, _single_tensor_tgadamw, _step_scalars
 
 __all__ = ["library", "build_seconds", "PAR_MIN"]
 
@@ -418,7 +418,7 @@ def _native_tgadamw(
     if rest:
         lists = (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, state_steps)
         _single_tensor_tgadamw(
-            *([lst[i] for i in rest] for lst in lists),
+            *_pick(rest, lists),
             lr=lr,
             beta1=beta1,
             beta2=beta2,

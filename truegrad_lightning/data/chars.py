@@ -19,6 +19,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from truegrad_lightning.data._loading import make_loader
+
 __all__ = ["CharDataModule", "CharWindows", "Corpus", "load_corpus"]
 
 Corpus = Literal["python_docs", "zen"]
@@ -231,24 +233,19 @@ class CharDataModule(LightningDataModule):
         """Validation windows (stride ``block_size``, non-overlapping)."""
         return self._val
 
-    def _loader(self, dataset: CharWindows, **kwargs: object) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            **kwargs,
+    def _loader(self, dataset: CharWindows, shuffle: bool = False) -> DataLoader:
+        seed = self.seed if shuffle else None
+        return make_loader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle_seed=seed
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training windows, order fixed by ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._train, shuffle=True, generator=generator)
+        return self._loader(self._train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation windows, in text order."""
-        return self._loader(self._val, shuffle=False)
+        return self._loader(self._val)
 
     def test_dataloader(self) -> DataLoader:
         """The validation windows (there is no separate test text)."""

@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
 from truegrad._optional import require
+from truegrad_lightning.data._loading import make_loader
 
 __all__ = ["DigitsDataModule", "stratified_split"]
 
@@ -199,29 +200,24 @@ class DigitsDataModule(LightningDataModule):
         """Test split (empty, ``N = 0``, when ``test_fraction == 0``)."""
         return self._build()["test"]
 
-    def _loader(self, dataset: TensorDataset, **kwargs: object) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            **kwargs,
+    def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
+        seed = self.seed if shuffle else None
+        return make_loader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, shuffle_seed=seed
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, order fixed by ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_dataset, shuffle=True, generator=generator)
+        return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in split order."""
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches; the validation split when ``test_fraction == 0``."""
         test = self.test_dataset
-        return self._loader(test if len(test) else self.val_dataset, shuffle=False)
+        return self._loader(test if len(test) else self.val_dataset)
 
     def predict_dataloader(self) -> DataLoader:
         """Same batches as :meth:`test_dataloader` (test split, else validation split)."""

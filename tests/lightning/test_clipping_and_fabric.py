@@ -24,6 +24,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from test_callback import (  # noqa: E402
+    _CheckInWorker,
     N_SAMPLES,
     Module,
     RecordingTGAdamW,
@@ -236,25 +237,6 @@ def test_clipping_interception_undone_when_training_raises() -> None:
 
 
 # ---------------------------------------------------------------------- DDP
-
-
-class _CheckInWorker(pl.Callback):
-    """Inside every DDP worker: the statistic the optimizer saw equals ``expected`` and is
-    identical on all ranks; a marker file tells the parent the worker checked."""
-
-    def __init__(self, directory: Path, expected: dict[str, torch.Tensor]) -> None:
-        self.directory = directory
-        self.expected = expected
-
-    def on_train_end(self, trainer, pl_module):
-        recorded = trainer.optimizers[0].recorded
-        assert len(recorded) == 1
-        assert_close(recorded[0], self.expected)
-        flat = torch.cat([recorded[0][n].flatten() for n in sorted(self.expected)])
-        gathered = [torch.empty_like(flat) for _ in range(trainer.world_size)]
-        torch.distributed.all_gather(gathered, flat)
-        assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree"
-        (self.directory / f"rank{trainer.global_rank}.ok").write_text("checked")
 
 
 @pytest.mark.parametrize("mode", ["manual_norm", "custom_value"])

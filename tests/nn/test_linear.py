@@ -8,6 +8,7 @@ import torch
 from truegrad import nn, statistic, testing
 from truegrad.nn import functional as TF
 
+from grads import assert_close_to_rounding, assert_grad_matches, grad_mode, grad_modes
 from harness import Problem, check
 
 
@@ -103,12 +104,43 @@ def test_chunked_and_unchunked_agree() -> None:
     layer = nn.Linear(6, 5)
     x = torch.randn(9, 4, 6)
     layer(x).square().sum().backward()
-    whole = layer.weight.sum_grad_squared.clone()
+    whole, whole_grad = layer.weight.sum_grad_squared.clone(), layer.weight.grad.clone()
     layer.zero_grad()
     statistic.clear(layer.parameters())
-    with nn.settings.configure(chunk_bytes=2 * 5 * 6 * 4 * 2):  # 2 samples per chunk
+    with nn.settings.configure(chunk_bytes=2 * 5 * 6 * 4):  # 2 samples' products per chunk
         layer(x).square().sum().backward()
     torch.testing.assert_close(layer.weight.sum_grad_squared, whole, rtol=1e-6, atol=0)
+    assert_close_to_rounding(layer.weight.grad, whole_grad)
+
+
+@grad_modes
+def test_sequence_weight_grad_is_torchs_bitwise_or_the_per_sample_sum(mode: str) -> None:
+    """On (N, T, D) the per-sample products are formed anyway; by default p.grad is their
+    sum (one matmul saved), within rounding of torch's; with grad_from_per_sample off it is
+    torch's own matmul, bitwise. The statistic is the same either way."""
+    layer = nn.Linear(6, 5)
+    twin = torch.nn.Linear(6, 5)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(7, 4, 6)
+    twin(x).square().mean().backward()
+    with grad_mode(mode):
+        layer(x).square().mean().backward()
+        assert_grad_matches(layer.weight.grad, twin.weight.grad)  # mode-aware (grads.py)
+    assert torch.equal(layer.bias.grad, twin.bias.grad)
+    expected = testing.sum_grad_squared_oracle(twin, lambda o, _: o.square().mean(), x)
+    torch.testing.assert_close(
+        layer.weight.sum_grad_squared, expected.sum_grad_squared["weight"], rtol=1e-5, atol=1e-9
+    )
+
+
+def test_grad_from_per_sample_setting_is_validated_and_restored() -> None:
+    assert nn.settings.grad_from_per_sample is True
+    with pytest.raises(ValueError, match="grad_from_per_sample must be a bool, got 'no'"):
+        with nn.settings.configure(grad_from_per_sample="no"):  # type: ignore[arg-type]
+            pass
+    with nn.settings.configure(grad_from_per_sample=False):
+        assert nn.settings.grad_from_per_sample is False
+    assert nn.settings.grad_from_per_sample is True
 
 
 def test_position_granularity_is_the_per_position_approximation() -> None:

@@ -16,6 +16,15 @@
     contributions cancel (an attention bias). Opt-in only, never the default. A module's own
     ``granularity`` attribute (``None`` by default) overrides this setting.
 
+``grad_from_per_sample``
+    ``True`` (default): where a layer forms its per-sample weight gradients anyway
+    (a Linear on ``(N, T, D)``, convolutions), ``p.grad`` is their sum instead of
+    a second, batched weight-gradient matmul or convolution. That saves one
+    weight-gradient computation per such layer (the largest part of the extra cost
+    on sequence models); ``p.grad`` then equals torch's up to float rounding (a
+    different summation order), not bitwise. ``False``: every ``p.grad`` is
+    computed by the very ops torch's own backward uses (bitwise torch's).
+
 Use :func:`configure` as a context manager to change them temporarily::
 
     with truegrad.nn.settings.configure(chunk_bytes=64 * 2**20):
@@ -28,13 +37,21 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
-__all__ = ["Granularity", "chunk_bytes", "configure", "granularity", "resolve_granularity"]
+__all__ = [
+    "Granularity",
+    "chunk_bytes",
+    "configure",
+    "grad_from_per_sample",
+    "granularity",
+    "resolve_granularity",
+]
 
 Granularity = Literal["sample", "position"]
 _GRANULARITIES = ("sample", "position")
 
 chunk_bytes: int = 256 * 2**20
 granularity: Granularity = "sample"
+grad_from_per_sample: bool = True
 
 
 def resolve_granularity(value: Granularity | None) -> Granularity:
@@ -46,16 +63,27 @@ def resolve_granularity(value: Granularity | None) -> Granularity:
 
 
 @contextlib.contextmanager
-def configure(*, chunk_bytes: int | None = None, granularity: Granularity | None = None) -> Iterator[None]:
+def configure(
+    *,
+    chunk_bytes: int | None = None,
+    granularity: Granularity | None = None,
+    grad_from_per_sample: bool | None = None,
+) -> Iterator[None]:
     """Temporarily change the settings; the previous values are restored on exit."""
     global_vars = globals()
-    previous = {"chunk_bytes": global_vars["chunk_bytes"], "granularity": global_vars["granularity"]}
+    previous = {
+        name: global_vars[name] for name in ("chunk_bytes", "granularity", "grad_from_per_sample")
+    }
     if chunk_bytes is not None:
         if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         global_vars["chunk_bytes"] = chunk_bytes
     if granularity is not None:
         global_vars["granularity"] = resolve_granularity(granularity)
+    if grad_from_per_sample is not None:
+        if not isinstance(grad_from_per_sample, bool):
+            raise ValueError(f"grad_from_per_sample must be a bool, got {grad_from_per_sample!r}")
+        global_vars["grad_from_per_sample"] = grad_from_per_sample
     try:
         yield
     finally:

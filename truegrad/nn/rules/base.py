@@ -25,21 +25,23 @@ parameter (an approximation, never silent).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 import weakref
 
-from torch.utils.weak import WeakIdKeyDictionary
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from truegrad import _bypass, _names, statistic
+from truegrad._weakid import WeakIdMap
 from truegrad.nn import settings
 
 __all__ = [
     "BatchSizeWarning",
     "apply",
+    "cast",
     "contribute",
     "discard_pending",
     "forget",
@@ -78,14 +80,50 @@ def should_track(*params: torch.Tensor | None) -> bool:
     )
 
 
-@torch.compiler.disable
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_functorch_active = torch._C._are_functorch_transforms_active
+#: per Function class: (number of forward parameters, torch's C ``apply`` bound to it)
+_DIRECT_APPLY: dict[type, tuple[int, Callable[..., torch.Tensor]]] = {}
+
+
+def _direct_apply(function: type[torch.autograd.Function]) -> tuple[int, Callable[..., torch.Tensor]]:
+    entry = _DIRECT_APPLY.get(function)
+    if entry is None:
+        arity = len(inspect.signature(function.forward).parameters)
+        bound = torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+        entry = _DIRECT_APPLY[function] = (arity, bound)
+    return entry
+
+
 def apply(function: type[torch.autograd.Function], *args: object) -> torch.Tensor:
     """Run ``function.apply(*args)`` eagerly, also inside ``torch.compile``.
 
     A rule's backward writes the statistic as a Python side effect, which a traced
     backward graph would drop; so ``torch.compile`` breaks the graph around each rule
-    and runs it eagerly (its neighbours still compile).
+    and runs it eagerly (its neighbours still compile). In eager mode the
+    ``torch.compiler.disable`` wrapper (about 15 us a call) is skipped.
     """
+    if torch.compiler.is_compiling():
+        return _apply_eagerly(function, *args)
+    return _apply(function, *args)
+
+
+@torch.compiler.disable
+def _apply_eagerly(function: type[torch.autograd.Function], *args: object) -> torch.Tensor:
+    return _apply(function, *args)
+
+
+def _apply(function: type[torch.autograd.Function], *args: object) -> torch.Tensor:
+    """``function.apply(*args)``.
+
+    Outside ``torch.func`` transforms, with every forward argument given, this calls
+    torch's C ``apply`` directly: ``Function.apply`` would otherwise rebuild
+    ``inspect.signature(forward)`` on every call to fill in defaults (about 50 us per
+    op, as much as a small layer's whole backward).
+    """
+    arity, direct = _direct_apply(function)
+    if len(args) == arity and not _functorch_active():
+        return direct(*[_unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a for a in args])
     return function.apply(*args)
 
 
@@ -113,6 +151,11 @@ def release_scratch() -> None:
     _SCRATCH.clear()
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when ``t`` already has ``dtype`` (hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def stat_dtype(param: torch.Tensor) -> torch.dtype:
     """The dtype per-sample products of ``param`` are formed in (float32, or float64)."""
     return statistic.statistic_dtype(param.dtype)
@@ -128,7 +171,7 @@ class _UseState:
     accumulator: Any = None  # the parameter's AccumulateGrad node
 
 
-_STATE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_STATE: WeakIdMap[_UseState] = WeakIdMap()
 
 
 def _finalize(param: torch.Tensor) -> None:
@@ -188,7 +231,7 @@ class BatchSizeWarning(RuntimeWarning):
 
 
 _LAST_BATCH: list[int] = [-1, 0]  # [graph task id, N of the first rule in that backward]
-_WARNED_BATCH: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_WARNED_BATCH: WeakIdMap[bool] = WeakIdMap()
 
 
 def _check_batch_size(param: torch.Tensor, n_samples: int) -> None:
@@ -228,8 +271,9 @@ def contribute(
     squared: Callable[[], torch.Tensor] | None = None,
     *,
     ctx: Any = None,
-    scratch_per_sample: bool = False,
-) -> None:
+    per_sample_owned: bool = False,
+    with_grad: bool = False,
+) -> torch.Tensor | None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
     Args:
@@ -239,18 +283,27 @@ def contribute(
         squared: optional exact shortcut returning ``sum_n g_n**2`` directly, as a fresh
             tensor (it may be stored as the statistic without a copy).
         ctx: the autograd context that recorded this use with :func:`record_use`.
-        scratch_per_sample: ``per_sample`` writes into :func:`scratch` (its result may be
-            squared in place and is only valid until the next call).
+        per_sample_owned: what ``per_sample`` returns is read by nobody else (a fresh
+            result, or a :func:`scratch` buffer valid until the next call), so it is
+            squared in place.
+        with_grad: the caller would like this use's gradient ``sum_n g_n`` from the
+            per-sample gradients formed here (see ``settings.grad_from_per_sample``).
+
+    Returns:
+        With ``with_grad``, when the per-sample gradients of all N samples were formed
+        here: their sum ``(*param.shape)`` in :func:`stat_dtype`, the gradient of this
+        use up to float rounding. Otherwise ``None``: the caller computes the gradient.
     """
     if param is None or in_functorch():
-        return
+        return None
     if getattr(ctx, "granularity", "sample") == "sample":
         _check_batch_size(param, n_samples)
     state = _STATE.get(param)
     if not _accumulates(param, state):
         if state is not None:
             state.live.discard(ctx)
-        return
+        return None
+    with_grad = with_grad and settings.grad_from_per_sample and squared is None
     others = 0
     if state is not None:
         others = len(state.live) - (1 if ctx in state.live else 0)
@@ -262,10 +315,11 @@ def contribute(
         same_n = state.pending is None or state.pending.shape[0] == n_samples
         if pending_bytes <= settings.chunk_bytes and same_n:
             grads = per_sample(0, n_samples)
+            grad = grads.sum(0) if with_grad else None
             state.pending = grads.clone() if state.pending is None else state.pending.add_(grads)
             if others == 0:
                 _finalize(param)
-            return
+            return grad
         warnings.warn(
             f"truegrad: {_names.describe(param)} is used more than once in one forward and its "
             f"per-sample gradients ({pending_bytes} bytes) do not fit in "
@@ -279,13 +333,18 @@ def contribute(
         _finalize(param)  # what earlier uses left pending, squared on its own
     if squared is not None:
         statistic.add(param, squared(), owned=True)
-        return
-    per_sample_bytes = max(1, param.numel() * 4 * 2)
+        return None
+    per_sample_bytes = max(1, param.numel() * 4 * (1 if per_sample_owned else 2))
     chunk = max(1, settings.chunk_bytes // per_sample_bytes)
     total: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
     for start in range(0, n_samples, chunk):
         grads = per_sample(start, min(n_samples, start + chunk))
-        part = (grads.square_() if scratch_per_sample else grads.square()).sum(0)
+        if with_grad:
+            part_grad = grads.sum(0)
+            grad = part_grad if grad is None else grad.add_(part_grad)
+        part = (grads.square_() if per_sample_owned else grads.square()).sum(0)
         total = part if total is None else total.add_(part)
     if total is not None:
         statistic.add(param, total, owned=True)
+    return grad

@@ -30,8 +30,12 @@ the squared operands, ``dW(x**2, dy**2)``: one extra weight-gradient call, exact
 per-position definition, and equal to the per-sample statistic only when a sample has a
 single position (e.g. a 1x1 spatial output). The bias gets ``sum_{n,t} dy[n, :, t]**2``.
 
-Gradients are ``torch.ops.aten.convolution_backward`` with the very arguments autograd
-passes for ``aten.convolution``, so ``p.grad`` is bitwise torch's. ``padding="same"`` is
+The weight and bias gradients are the sums of those per-sample gradients
+(``settings.grad_from_per_sample``; equal to torch's up to rounding), so torch's
+``convolution_backward`` is then asked for the input gradient only (and skipped for a
+first layer, whose input needs none). Otherwise gradients are
+``torch.ops.aten.convolution_backward`` with the very arguments autograd passes for
+``aten.convolution``, bitwise torch's. ``padding="same"`` is
 resolved as torch does (an odd total padding is a zero pad of the right end, then a
 symmetric padding), and non-``zeros`` padding modes are an ``F.pad`` before a convolution
 with padding 0 (what ``torch.nn.ConvNd`` does), so those gradients are torch's too.
@@ -110,12 +114,18 @@ class ConvFunction(torch.autograd.Function):
         dtype = ctx.compute_dtype
         stride, padding, dilation, transposed, output_padding, groups = ctx.args
         grad_input = grad_weight = grad_bias = None
-        mask = list(ctx.needs_input_grad[:3])
+        if ctx.weight_param is not None or ctx.bias_param is not None:
+            grad_weight, grad_bias = _statistic(ctx, input, weight, grad_output)
+        mask = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1] and grad_weight is None,
+            ctx.needs_input_grad[2] and grad_bias is None,
+        ]
         if any(mask):
-            grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grads = torch.ops.aten.convolution_backward(
                 grad_output,
-                input.to(dtype),
-                weight.to(dtype),
+                base.cast(input, dtype),
+                base.cast(weight, dtype),
                 ctx.bias_sizes,
                 stride,
                 padding,
@@ -125,29 +135,36 @@ class ConvFunction(torch.autograd.Function):
                 groups,
                 mask,
             )
-            if grad_input is not None:
-                grad_input = grad_input.to(input.dtype)
-            if grad_weight is not None:
-                grad_weight = grad_weight.to(weight.dtype)
-            if grad_bias is not None:
-                grad_bias = grad_bias.to(ctx.bias_dtype)
-        if ctx.weight_param is not None or ctx.bias_param is not None:
-            _statistic(ctx, input, weight, grad_output)
+            grad_input = grads[0]
+            grad_weight = grads[1] if mask[1] else grad_weight
+            grad_bias = grads[2] if mask[2] else grad_bias
+        if grad_input is not None:
+            grad_input = base.cast(grad_input, input.dtype)
+        if grad_weight is not None:
+            grad_weight = base.cast(grad_weight, weight.dtype)
+        if grad_bias is not None:
+            grad_bias = base.cast(grad_bias, ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _statistic(
     ctx: Any, input: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor
-) -> None:
-    """Hand ``sum_n g_n**2`` of weight and bias to ``base.contribute`` (module docstring)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Hand ``sum_n g_n**2`` of weight and bias to ``base.contribute`` (module docstring).
+
+    Returns the weight and bias gradients where they were summed from the per-sample
+    gradients formed here (``settings.grad_from_per_sample``), ``None`` where not."""
     stride, padding, dilation, transposed, output_padding, groups = ctx.args
     sdt = base.stat_dtype(weight)
+    # Under autocast torch's gradients are half precision: then they come from torch's op.
+    with_grad = ctx.compute_dtype == sdt
     n = input.shape[0]
-    dy = grad_output.to(sdt)
+    dy = base.cast(grad_output, sdt)
     spatial = tuple(range(2, dy.dim()))
     per_position = ctx.granularity == "position"
+    grad_weight = grad_bias = None
     if ctx.weight_param is not None:
-        x = input.to(sdt)
+        x = base.cast(input, sdt)
 
         def weight_grad(x_: torch.Tensor, dy_: torch.Tensor, samples: int) -> torch.Tensor:
             # Only the weight's shape matters for the weight gradient: a stride-0 view.
@@ -168,7 +185,7 @@ def _statistic(
         # position of a transposed one). With one such position per sample the per-sample
         # gradient is a single product, and the squared operands give the statistic exactly.
         taps = (input if transposed else grad_output).shape[2:].numel()
-        base.contribute(
+        grad_weight = base.contribute(
             ctx.weight_param,
             n,
             per_sample_weight,
@@ -176,9 +193,11 @@ def _statistic(
             if per_position or taps == 1
             else None,
             ctx=ctx,
+            per_sample_owned=True,  # a fresh result of convolution_backward
+            with_grad=with_grad,
         )
     if ctx.bias_param is not None:
-        base.contribute(
+        grad_bias = base.contribute(
             ctx.bias_param,
             n,
             lambda s, e: dy[s:e].sum(spatial),
@@ -186,7 +205,10 @@ def _statistic(
             if per_position or grad_output.shape[2:].numel() == 1
             else None,
             ctx=ctx,
+            per_sample_owned=True,  # a fresh sum
+            with_grad=with_grad,
         )
+    return grad_weight, grad_bias
 
 
 def _expand(value: IntOrTuple, dim: int, name: str) -> list[int]:

@@ -8,8 +8,10 @@ With ``dy`` the output gradient, sample n contributes
 over its positions t. For 2-D input (one position per sample) the statistic is one
 extra matmul on squared operands, ``(dy**2)^T (x**2)``, exact there. Otherwise the
 per-sample products are formed with ``bmm`` in chunks of samples (see
-``truegrad.nn.settings.chunk_bytes``), squared and summed. Gradients are computed with
-the very ops torch's own backward uses, so ``p.grad`` is bitwise torch's.
+``truegrad.nn.settings.chunk_bytes``), squared and summed; the weight gradient is then
+their sum (``settings.grad_from_per_sample``, equal to torch's up to rounding) rather
+than a second matmul of the same size. Every other gradient is computed with the very
+ops torch's own backward uses (bitwise torch's).
 """
 
 from __future__ import annotations
@@ -53,29 +55,36 @@ class LinearFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         dtype = ctx.compute_dtype
         grad_input = grad_weight = grad_bias = None
+        needs_input, needs_weight, needs_bias, _ = ctx.needs_input_grad
         out_features, in_features = weight.shape
-        dy = grad_output.reshape(-1, out_features)
-        x = input.to(dtype).reshape(-1, in_features)
-        if ctx.needs_input_grad[0]:
-            grad_input = grad_output @ weight.to(dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (dy.t() @ x).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = dy.sum(0).to(ctx.bias_dtype)
         if ctx.weight_param is not None or ctx.bias_param is not None:
-            _statistic(ctx, input, grad_output, weight.dtype)
+            grad_weight = _statistic(ctx, input, grad_output, weight.dtype)
+        if needs_input:
+            grad_input = grad_output @ base.cast(weight, dtype)
+        if needs_weight or needs_bias:
+            dy = grad_output.reshape(-1, out_features)
+            if needs_weight and grad_weight is None:
+                grad_weight = dy.t() @ base.cast(input, dtype).reshape(-1, in_features)
+            if needs_bias:
+                grad_bias = base.cast(dy.sum(0), ctx.bias_dtype)
+        if grad_weight is not None:
+            grad_weight = base.cast(grad_weight, weight.dtype)
         return grad_input, grad_weight, grad_bias, None
 
 
-def _statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_dtype: torch.dtype) -> None:
+def _statistic(
+    ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Hand ``sum_n g_n**2`` of weight and bias to ``base.contribute``; return the weight's
+    gradient when it was summed from per-sample products formed here, else ``None``."""
     sdt = torch.float64 if param_dtype == torch.float64 else torch.float32
     out_features = grad_output.shape[-1]
     in_features = input.shape[-1]
     per_position = input.dim() <= 2 or ctx.granularity == "position"
     if per_position:
         # One row per sample (2-D input) or per position (granularity="position").
-        dy = grad_output.reshape(-1, out_features).to(sdt)
-        x = input.reshape(-1, in_features).to(sdt)
+        dy = base.cast(grad_output.reshape(-1, out_features), sdt)
+        x = base.cast(input.reshape(-1, in_features), sdt)
         n = dy.shape[0]
         dy2 = dy.square()
         base.contribute(
@@ -86,17 +95,25 @@ def _statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor, param_d
             ctx=ctx,
         )
         base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0), ctx=ctx)
-        return
+        return None
     n = input.shape[0]
-    dy3 = grad_output.reshape(n, -1, out_features).to(sdt)
-    x3 = input.reshape(n, -1, in_features).to(sdt)
+    dy3 = base.cast(grad_output.reshape(n, -1, out_features), sdt)
+    x3 = base.cast(input.reshape(n, -1, in_features), sdt)
 
     def per_sample_weight(s: int, e: int) -> torch.Tensor:
         out = base.scratch((e - s, out_features, in_features), sdt, dy3.device)
         return torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e], out=out)
 
-    base.contribute(ctx.weight_param, n, per_sample_weight, ctx=ctx, scratch_per_sample=True)
+    grad_weight = base.contribute(
+        ctx.weight_param,
+        n,
+        per_sample_weight,
+        ctx=ctx,
+        per_sample_owned=True,
+        with_grad=ctx.compute_dtype == sdt,  # not under autocast: torch's grad is low precision
+    )
     base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1), ctx=ctx)
+    return grad_weight
 
 
 def linear(

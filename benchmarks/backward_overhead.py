@@ -7,12 +7,20 @@ times every contender for a block of steps, ratios are taken against the plain s
 of the same round, and the median over rounds is reported. Peak memory above plain
 is the peak of torch's CPU allocations during one step above plain's (torch.profiler).
 
+Allocator: by default glibc is told (``mallopt``) to keep freed memory in the process
+(no trimming, no mmap per large block), for every contender alike. With glibc's defaults
+a large CPU tensor is page-faulted in again whenever freed memory was handed back to the
+kernel, which happens at random between steps and costs up to a third of a step (plain
+torch and every contender alike), so ratios scatter by +-15% from run to run; the
+setting removes that noise, as a GPU's caching allocator does. ``--malloc default``
+measures with glibc's defaults.
+
 Contenders: ``plain`` (torch, no statistic), the truegrad backends (``nn``,
 ``patch_torch``, ``patch_model``, ``tg-backpack``: truegrad's BackPack backend), and the peers that
 compute the same exact statistic: BackPack ``SumGradSquared``, Opacus
 ``GradSampleModule`` (``(grad_sample**2).sum(0)``) and ``torch.func`` (``vmap(grad)``).
 
-    python benchmarks/backward_overhead.py              # full run, ~10 minutes
+    python benchmarks/backward_overhead.py              # full run, ~5 minutes
     python benchmarks/backward_overhead.py --quick      # smoke run
     python benchmarks/backward_overhead.py --workloads mlp --contenders plain nn
 """
@@ -94,10 +102,14 @@ WORKLOADS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]]
 
 
 def _zero(model: nn.Module) -> None:
-    for p in model.parameters():
+    """What ``optimizer.zero_grad()`` does: gradients to ``None`` and, as TGAdamW's
+    ``zero_grad`` does, ``truegrad.statistic.clear`` of the statistic."""
+    from truegrad import statistic
+
+    params = list(model.parameters())
+    for p in params:
         p.grad = None
-        if hasattr(p, "sum_grad_squared"):
-            p.sum_grad_squared = None
+    statistic.clear(params)
 
 
 def plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
@@ -299,12 +311,30 @@ def measure_memory(workload: str, contenders: list[str]) -> dict[str, float]:
     return {name: peaks[name] - peaks["plain"] for name in contenders if name != "plain"}
 
 
+def steady_malloc() -> bool:
+    """Make glibc keep freed memory (see the module docstring); False if not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
+            libc.mallopt(m_trim_threshold, 2**31 - 1)
+        )
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                        help="glibc allocator: keep freed memory (default) or glibc's defaults")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step, no memory")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
@@ -313,8 +343,9 @@ def main() -> None:
         args.rounds, args.steps, args.no_memory = 2, 1, True
     contenders = ["plain", *[c for c in args.contenders if c != "plain"]]
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} "
-          f"paired rounds of {args.steps} steps; ratio = contender / plain in the same round")
+    malloc = "steady (glibc keeps freed memory)" if args.malloc == "steady" and steady_malloc() else "glibc defaults"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}; median of "
+          f"{args.rounds} paired rounds of {args.steps} step(s); ratio = contender / plain in the same round")
     results = {}
     for workload in args.workloads:
         timing = measure_time(workload, contenders, args.rounds, args.steps)

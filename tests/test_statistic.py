@@ -57,3 +57,53 @@ def test_clear_and_scale() -> None:
     assert statistic.get(ps[2]) is None
     statistic.clear(ps)
     assert all(getattr(p, statistic.ATTRIBUTE, None) is None for p in ps)
+
+
+def _step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer(x).square().sum().backward()
+    return layer.weight.sum_grad_squared
+
+
+def test_cleared_statistic_nobody_holds_is_reused_and_the_values_are_right() -> None:
+    from truegrad import nn, testing
+
+    layer = nn.Linear(64, 32)
+    x1, x2 = torch.randn(8, 64), torch.randn(8, 64)
+    ptr = _step(layer, x1).data_ptr()
+    statistic.clear(layer.parameters())
+    layer.zero_grad()
+    stat = _step(layer, x2)
+    assert stat.data_ptr() == ptr  # written into the kept buffer
+    twin = torch.nn.Linear(64, 32)
+    twin.load_state_dict(layer.state_dict())
+    expected = testing.sum_grad_squared_oracle(twin, lambda o, _: o.square().sum(), x2)
+    torch.testing.assert_close(stat, expected.sum_grad_squared["weight"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("holder", ["reference", "view"])
+def test_a_statistic_somebody_holds_is_never_overwritten(holder: str) -> None:
+    from truegrad import nn
+
+    layer = nn.Linear(64, 32)
+    first = _step(layer, torch.randn(8, 64))
+    kept = first if holder == "reference" else first.view(-1)
+    snapshot = kept.clone()
+    del first
+    statistic.clear(layer.parameters())
+    layer.zero_grad()
+    second = _step(layer, torch.randn(8, 64))
+    assert torch.equal(kept, snapshot)
+    assert second.data_ptr() != kept.data_ptr()
+
+
+def test_reusable_buffer_only_for_a_matching_empty_statistic() -> None:
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    statistic.add(p, torch.ones(3, 2), owned=True)
+    assert statistic.reusable_buffer(p, torch.float32) is None  # it has a statistic
+    statistic.clear([p])
+    assert statistic.reusable_buffer(p, torch.float64) is None  # wrong dtype: dropped
+    statistic.add(p, torch.ones(3, 2), owned=True)
+    statistic.clear([p])
+    buffer = statistic.reusable_buffer(p, torch.float32)
+    assert buffer is not None and buffer.shape == p.shape
+    assert statistic.reusable_buffer(p, torch.float32) is None  # handed out once

@@ -16,9 +16,12 @@ Every backend adds per-backward contributions through :func:`add` (or
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
+
+from truegrad._weakid import WeakIdMap
 
 __all__ = [
     "ATTRIBUTE",
@@ -27,6 +30,7 @@ __all__ = [
     "clear",
     "get",
     "has",
+    "reusable_buffer",
     "scale_",
     "statistic_dtype",
 ]
@@ -113,8 +117,53 @@ def scale_(params: Iterable[torch.Tensor], factor: float | torch.Tensor) -> None
             current.mul_(factor)
 
 
+#: CPU statistics dropped by :func:`clear` that nothing else referenced, kept per
+#: parameter so the next backward writes into them (see :func:`reusable_buffer`).
+_SPARE: WeakIdMap[torch.Tensor] = WeakIdMap()
+
+
+def _only_referenced_here(tensor: torch.Tensor) -> bool:
+    """Whether the caller's local variable is the only reference to ``tensor`` and to its
+    memory: no other Python reference (``getrefcount`` sees the caller's variable, this
+    function's parameter and its own argument), no C++ reference, and no view sharing
+    the storage (its use count is the tensor plus the temporary storage object)."""
+    return (
+        sys.getrefcount(tensor) <= 3
+        and tensor._base is None
+        and tensor._use_count() == 1  # no C++ reference to the same tensor either
+        and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+    )
+
+
 def clear(params: Iterable[torch.Tensor]) -> None:
-    """Set the statistic of every parameter in ``params`` to ``None``."""
+    """Set the statistic of every parameter in ``params`` to ``None``.
+
+    A CPU statistic that nothing else references (no variable, no view) is kept aside
+    and reused as the storage of the parameter's next statistic: a fresh parameter-sized
+    CPU tensor per step is page-faulted in by the kernel every time glibc has handed
+    freed memory back, which costs as much as computing it. A statistic somebody still
+    holds is simply dropped, never overwritten.
+    """
     for param in params:
-        if get(param) is not None:
-            setattr(param, ATTRIBUTE, None)
+        current = get(param)
+        if current is None:
+            continue
+        setattr(param, ATTRIBUTE, None)
+        if current.device.type == "cpu" and _only_referenced_here(current):
+            _SPARE[param] = current
+
+
+def reusable_buffer(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Storage for the parameter's next statistic, if :func:`clear` kept one.
+
+    Returns an uninitialised-content tensor of ``param.shape`` in ``dtype`` on
+    ``param``'s device, to be filled completely (``out=``) and handed to :func:`add`
+    with ``owned=True``; ``None`` when the parameter has a statistic already or no
+    matching buffer was kept. Each buffer is returned once.
+    """
+    if get(param) is not None:
+        return None
+    spare = _SPARE.pop(param)
+    if spare is None or spare.shape != param.shape or spare.dtype != dtype or spare.device != param.device:
+        return None
+    return spare

@@ -127,19 +127,22 @@ def _apply(function: type[torch.autograd.Function], *args: object) -> torch.Tens
     return function.apply(*args)
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
 
-def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def scratch(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "per_sample"
+) -> torch.Tensor:
     """A reusable buffer for one chunk of per-sample gradients (see :func:`contribute`'s
     ``scratch_per_sample``). Fresh large CPU tensors are page-faulted in on every
-    backward, which costs as much as squaring them; one buffer per device and dtype, as
-    large as the largest chunk so far (at most ``settings.chunk_bytes`` plus one
-    sample), avoids that. Only valid until the next call."""
+    backward, which costs as much as squaring them; one buffer per device, dtype and
+    ``slot`` (a rule needing two at once uses two slots), as large as the largest
+    request so far (at most ``settings.chunk_bytes`` plus one sample), avoids that.
+    Only valid until the next call for the same slot."""
     numel = 1
     for size in shape:
         numel *= size
-    key = (device, dtype)
+    key = (device, dtype, slot)
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -273,6 +276,7 @@ def contribute(
     ctx: Any = None,
     per_sample_owned: bool = False,
     with_grad: bool = False,
+    squared_takes_out: bool = False,
 ) -> torch.Tensor | None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
@@ -288,6 +292,9 @@ def contribute(
             squared in place.
         with_grad: the caller would like this use's gradient ``sum_n g_n`` from the
             per-sample gradients formed here (see ``settings.grad_from_per_sample``).
+        squared_takes_out: ``squared`` is called as ``squared(out)`` with ``out`` the
+            storage to write the result into (``None``: allocate), so that a CPU
+            statistic reuses the buffer of the last one (``statistic.reusable_buffer``).
 
     Returns:
         With ``with_grad``, when the per-sample gradients of all N samples were formed
@@ -332,7 +339,11 @@ def contribute(
         )
         _finalize(param)  # what earlier uses left pending, squared on its own
     if squared is not None:
-        statistic.add(param, squared(), owned=True)
+        if squared_takes_out:
+            out = statistic.reusable_buffer(param, stat_dtype(param))
+            statistic.add(param, squared(out), owned=True)
+        else:
+            statistic.add(param, squared(), owned=True)
         return None
     per_sample_bytes = max(1, param.numel() * 4 * (1 if per_sample_owned else 2))
     chunk = max(1, settings.chunk_bytes // per_sample_bytes)
@@ -343,8 +354,12 @@ def contribute(
         if with_grad:
             part_grad = grads.sum(0)
             grad = part_grad if grad is None else grad.add_(part_grad)
-        part = (grads.square_() if per_sample_owned else grads.square()).sum(0)
-        total = part if total is None else total.add_(part)
+        squares = grads.square_() if per_sample_owned else grads.square()
+        if total is None:
+            out = statistic.reusable_buffer(param, squares.dtype)
+            total = squares.sum(0) if out is None else torch.sum(squares, 0, out=out)
+        else:
+            total.add_(squares.sum(0))
     if total is not None:
         statistic.add(param, total, owned=True)
     return grad

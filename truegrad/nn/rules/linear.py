@@ -86,13 +86,14 @@ def _statistic(
         dy = base.cast(grad_output.reshape(-1, out_features), sdt)
         x = base.cast(input.reshape(-1, in_features), sdt)
         n = dy.shape[0]
-        dy2 = dy.square()
+        dy2 = _square(dy, "linear.dy2")
         base.contribute(
             ctx.weight_param,
             n,
             lambda s, e: dy[s:e, :, None] * x[s:e, None, :],
-            lambda: dy2.t() @ x.square(),
+            lambda out: torch.mm(dy2.t(), _square(x, "linear.x2"), out=out),
             ctx=ctx,
+            squared_takes_out=True,
         )
         base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0), ctx=ctx)
         return None
@@ -114,6 +115,13 @@ def _statistic(
     )
     base.contribute(ctx.bias_param, n, lambda s, e: dy3[s:e].sum(1), ctx=ctx)
     return grad_weight
+
+
+def _square(t: torch.Tensor, slot: str) -> torch.Tensor:
+    """``t**2``; on CPU into a reused scratch buffer (a fresh one is page-faulted in)."""
+    if t.device.type != "cpu":
+        return t.square()
+    return torch.square(t, out=base.scratch(tuple(t.shape), t.dtype, t.device, slot))
 
 
 def linear(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 import weakref
 
@@ -134,14 +135,12 @@ def scratch(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "per_sample"
 ) -> torch.Tensor:
     """A reusable buffer for one chunk of per-sample gradients (see :func:`contribute`'s
-    ``scratch_per_sample``). Fresh large CPU tensors are page-faulted in on every
+    ``per_sample_owned``) or another large temporary. Fresh large CPU tensors are page-faulted in on every
     backward, which costs as much as squaring them; one buffer per device, dtype and
     ``slot`` (a rule needing two at once uses two slots), as large as the largest
     request so far (at most ``settings.chunk_bytes`` plus one sample), avoids that.
     Only valid until the next call for the same slot."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     key = (device, dtype, slot)
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.numel() < numel:
@@ -193,7 +192,10 @@ def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:
     state = _STATE.get(param)
     if state is None:
         state = _STATE[param] = _UseState()
-    if state.hook is None:
+    if state.hook is None and len(state.live) > 0:
+        # A second live use: per-sample gradients may be kept pending (see contribute),
+        # so the parameter's finished gradient must flush them. Single-use parameters
+        # (almost all) need no hook and pay no Python call per backward.
         state.hook = param.register_post_accumulate_grad_hook(_finalize)
     state.live.add(ctx)
 
@@ -310,11 +312,15 @@ def contribute(
         if state is not None:
             state.live.discard(ctx)
         return None
-    with_grad = with_grad and settings.grad_from_per_sample and squared is None
+    with_grad = with_grad and squared is None and settings.grad_from_per_sample
     others = 0
     if state is not None:
-        others = len(state.live) - (1 if ctx in state.live else 0)
-        state.live.discard(ctx)
+        live = state.live
+        try:
+            live.remove(ctx)
+        except KeyError:
+            pass
+        others = len(live)
     shared = state is not None and (others > 0 or state.pending is not None)
     if shared:
         assert state is not None

@@ -62,9 +62,10 @@ class LinearFunction(torch.autograd.Function):
         if needs_input:
             grad_input = grad_output @ base.cast(weight, dtype)
         if needs_weight or needs_bias:
-            dy = grad_output.reshape(-1, out_features)
+            dy = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
             if needs_weight and grad_weight is None:
-                grad_weight = dy.t() @ base.cast(input, dtype).reshape(-1, in_features)
+                x = base.cast(input, dtype)
+                grad_weight = dy.t() @ (x if x.dim() == 2 else x.reshape(-1, in_features))
             if needs_bias:
                 grad_bias = base.cast(dy.sum(0), ctx.bias_dtype)
         if grad_weight is not None:
@@ -117,9 +118,15 @@ def _statistic(
     return grad_weight
 
 
+#: Temporaries from this many elements (128 KiB of float32, glibc's initial mmap threshold)
+#: on are squared into scratch.
+_SCRATCH_NUMEL = 1 << 15
+
+
 def _square(t: torch.Tensor, slot: str) -> torch.Tensor:
-    """``t**2``; on CPU into a reused scratch buffer (a fresh one is page-faulted in)."""
-    if t.device.type != "cpu":
+    """``t**2``; a large CPU one into a reused scratch buffer (a fresh one is page-faulted
+    in each time glibc has returned the memory; small blocks come from its free lists)."""
+    if t.numel() < _SCRATCH_NUMEL or t.device.type != "cpu":
         return t.square()
     return torch.square(t, out=base.scratch(tuple(t.shape), t.dtype, t.device, slot))
 

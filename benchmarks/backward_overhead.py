@@ -3,8 +3,9 @@
 For each workload, every contender runs forward + backward (+ whatever it needs to
 produce ``sum_n g_n**2`` for every parameter) on the same model and batch. Timing is
 paired and alternating in one process (this machine is shared and noisy): each round
-times every contender for a block of steps, ratios are taken against the plain step
-of the same round, and the median over rounds is reported. Peak memory above plain
+times every contender for a block of steps (in an order rotated from round to round),
+ratios are taken against the plain step of the same round, and the median over rounds
+is reported. Peak memory above plain
 is the peak of torch's CPU allocations during one step above plain's (torch.profiler).
 
 Allocator: by default glibc is told (``mallopt``) to keep freed memory in the process
@@ -267,8 +268,12 @@ def measure_time(workload: str, contenders: list[str], rounds: int, steps: int) 
             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
     times: dict[str, list[float]] = {name: [] for name in fns}
     ratios: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        block = {name: time_block(fn, steps) for name, fn in fns.items()}
+    names = list(fns)
+    for r in range(rounds):
+        # Rotate who goes first: a step right after another model's is slower (its weights
+        # were evicted from cache), which would otherwise always hit the same contender.
+        order = names[r % len(names):] + names[: r % len(names)]
+        block = {name: time_block(fns[name], steps) for name in order}
         for name, t in block.items():
             times[name].append(t)
             ratios[name].append(t / block["plain"])

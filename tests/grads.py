@@ -1,9 +1,10 @@
 """How ``p.grad`` of a truegrad layer is compared with torch's.
 
-With ``truegrad.nn.settings.grad_from_per_sample`` off, every gradient comes from the
-very ops torch's backward uses: bitwise equal. With it on (the default), the weight
-gradients of layers that form per-sample gradients (Linear on sequences, convolutions)
-are their sum, a float sum taken in another order: equal up to rounding, checked as
+With ``truegrad.nn.settings.bitwise_grad`` on, every gradient comes from the very ops
+torch's backward uses: bitwise equal. With it off (the default), some layers compute
+``p.grad`` together with the statistic (the sum of the per-sample gradients they form
+anyway; one batched matmul for a Linear on 2-D input), a float sum taken in another
+order: equal up to rounding, checked as
 float64 within 1e-10 and float32 within rtol 1e-5 and atol 1e-6 x the largest
 |element| (float32 eps is 1.2e-7).
 """
@@ -19,15 +20,15 @@ import torch
 from truegrad.nn import settings
 
 #: ids of the two ways p.grad is formed, for ``pytest.mark.parametrize``
-GRAD_MODES = ["torch-ops", "per-sample-sum"]
+GRAD_MODES = ["bitwise", "fused"]
 
 
 @contextlib.contextmanager
 def grad_mode(mode: str) -> Iterator[None]:
-    """Run the block with ``grad_from_per_sample`` set for ``mode`` (one of GRAD_MODES)."""
+    """Run the block with ``bitwise_grad`` set for ``mode`` (one of GRAD_MODES)."""
     if mode not in GRAD_MODES:
         raise ValueError(f"grad mode must be one of {GRAD_MODES}, got {mode!r}")
-    with settings.configure(grad_from_per_sample=mode == "per-sample-sum"):
+    with settings.configure(bitwise_grad=mode == "bitwise"):
         yield
 
 
@@ -43,11 +44,11 @@ def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, name:
 
 
 def assert_grad_matches(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
-    """Bitwise when ``grad_from_per_sample`` is off, else equal up to rounding."""
-    if settings.grad_from_per_sample:
-        assert_close_to_rounding(actual, expected, name)
-    else:
+    """Bitwise under ``bitwise_grad``, else equal up to rounding."""
+    if settings.bitwise_grad:
         assert actual.dtype == expected.dtype and torch.equal(actual, expected), name
+    else:
+        assert_close_to_rounding(actual, expected, name)
 
 
 grad_modes = pytest.mark.parametrize("mode", GRAD_MODES)

@@ -179,8 +179,8 @@ def _zoo_case(name: str) -> None:
         model.eval()  # the per-sample oracle needs BatchNorm on running statistics
     expected = {n: None for n, _ in model.named_parameters()} | ZOO_UNCOVERED[name]
     # gpt: truegrad's RMSNorm rule is not bitwise torch's there (the nn backend shows the
-    # same); every other model: p.grad is bitwise plain torch's with grad_from_per_sample
-    # off, within rounding with it on.
+    # same); every other model: p.grad is bitwise plain torch's under bitwise_grad, within
+    # rounding without.
     check(model, entry.inputs(), entry.loss, entry.targets(), expected, exact_grads=name != "gpt")
 
 

@@ -145,9 +145,9 @@ BITWISE = [
 
 
 def _bitwise_case(cls: type, args: tuple, kwargs: dict, shape: tuple, autocast: bool) -> None:
-    """Output and input gradient bitwise torch's; weight and bias gradients bitwise with
-    ``grad_from_per_sample`` off, up to rounding with it on (see grads.py); under bf16
-    autocast always torch's (the per-sample sum is only used in the parameter dtype)."""
+    """Output and input gradient bitwise torch's; weight and bias gradients bitwise under
+    ``bitwise_grad``, up to rounding without (see grads.py); under bf16 autocast always
+    torch's (the per-sample sum is only used in the parameter dtype)."""
     torch.manual_seed(0)
     layer = cls(*args, **kwargs)
     twin = cls.__mro__[1](*args, **kwargs)
@@ -186,7 +186,7 @@ def test_weight_grad_is_the_sum_of_the_per_sample_gradients_by_default() -> None
     layer(x).square().sum().backward()
     twin(x).square().sum().backward()
     per_sample = testing.per_sample_grads(to_torch(layer), lambda o, _: o.square().sum(), x)
-    assert settings.grad_from_per_sample
+    assert not settings.bitwise_grad
     assert_close_to_rounding(layer.weight.grad, per_sample["weight"].sum(0))
     assert_close_to_rounding(layer.weight.grad, twin.weight.grad)
 

@@ -114,14 +114,18 @@ def test_chunked_and_unchunked_agree() -> None:
 
 
 @grad_modes
-def test_sequence_weight_grad_is_torchs_bitwise_or_the_per_sample_sum(mode: str) -> None:
-    """On (N, T, D) the per-sample products are formed anyway; by default p.grad is their
-    sum (one matmul saved), within rounding of torch's; with grad_from_per_sample off it is
-    torch's own matmul, bitwise. The statistic is the same either way."""
+@pytest.mark.parametrize("shape", [(7, 4, 6), (9, 6)], ids=["3d", "2d"])
+def test_weight_grad_is_torchs_bitwise_or_computed_with_the_statistic(
+    mode: str, shape: tuple[int, ...]
+) -> None:
+    """On (N, T, D) the per-sample products are formed anyway and by default p.grad is their
+    sum (one matmul saved); on (N, D) on CPU the gradient and the statistic are one batched
+    matmul of two. Either is within rounding of torch's; under bitwise_grad p.grad is torch's
+    own matmul, bitwise. The bias gradient and the statistic are the same either way."""
     layer = nn.Linear(6, 5)
     twin = torch.nn.Linear(6, 5)
     twin.load_state_dict(layer.state_dict())
-    x = torch.randn(7, 4, 6)
+    x = torch.randn(*shape)
     twin(x).square().mean().backward()
     with grad_mode(mode):
         layer(x).square().mean().backward()
@@ -133,14 +137,14 @@ def test_sequence_weight_grad_is_torchs_bitwise_or_the_per_sample_sum(mode: str)
     )
 
 
-def test_grad_from_per_sample_setting_is_validated_and_restored() -> None:
-    assert nn.settings.grad_from_per_sample is True
-    with pytest.raises(ValueError, match="grad_from_per_sample must be a bool, got 'no'"):
-        with nn.settings.configure(grad_from_per_sample="no"):  # type: ignore[arg-type]
+def test_bitwise_grad_setting_is_validated_and_restored() -> None:
+    assert nn.settings.bitwise_grad is False
+    with pytest.raises(ValueError, match="bitwise_grad must be a bool, got 'no'"):
+        with nn.settings.configure(bitwise_grad="no"):  # type: ignore[arg-type]
             pass
-    with nn.settings.configure(grad_from_per_sample=False):
-        assert nn.settings.grad_from_per_sample is False
-    assert nn.settings.grad_from_per_sample is True
+    with nn.settings.configure(bitwise_grad=True):
+        assert nn.settings.bitwise_grad is True
+    assert nn.settings.bitwise_grad is False
 
 
 def test_position_granularity_is_the_per_position_approximation() -> None:

@@ -16,14 +16,16 @@
     contributions cancel (an attention bias). Opt-in only, never the default. A module's own
     ``granularity`` attribute (``None`` by default) overrides this setting.
 
-``grad_from_per_sample``
-    ``True`` (default): where a layer forms its per-sample weight gradients anyway
-    (a Linear on ``(N, T, D)``, convolutions), ``p.grad`` is their sum instead of
-    a second, batched weight-gradient matmul or convolution. That saves one
-    weight-gradient computation per such layer (the largest part of the extra cost
-    on sequence models); ``p.grad`` then equals torch's up to float rounding (a
-    different summation order), not bitwise. ``False``: every ``p.grad`` is
-    computed by the very ops torch's own backward uses (bitwise torch's).
+``bitwise_grad``
+    ``False`` (default): where a layer computes ``p.grad`` together with the
+    statistic more cheaply, it does, and ``p.grad`` equals torch's up to float
+    rounding (a sum taken in another order), not bitwise: a Linear on ``(N, T, D)``
+    and the convolutions sum the per-sample weight gradients they form anyway
+    instead of running a second, batched weight-gradient matmul or convolution (the
+    largest part of the extra cost on sequence models and CNNs); a Linear on 2-D
+    input computes ``dy^T x`` and ``(dy**2)^T (x**2)`` as one batched matmul of two
+    (on CPU, each core then runs one whole product). ``True``: every ``p.grad`` is
+    computed by the very ops torch's own backward uses, bitwise torch's.
 
 Use :func:`configure` as a context manager to change them temporarily::
 
@@ -39,9 +41,9 @@ from typing import Literal
 
 __all__ = [
     "Granularity",
+    "bitwise_grad",
     "chunk_bytes",
     "configure",
-    "grad_from_per_sample",
     "granularity",
     "resolve_granularity",
 ]
@@ -51,7 +53,7 @@ _GRANULARITIES = ("sample", "position")
 
 chunk_bytes: int = 256 * 2**20
 granularity: Granularity = "sample"
-grad_from_per_sample: bool = True
+bitwise_grad: bool = False
 
 
 def resolve_granularity(value: Granularity | None) -> Granularity:
@@ -67,12 +69,12 @@ def configure(
     *,
     chunk_bytes: int | None = None,
     granularity: Granularity | None = None,
-    grad_from_per_sample: bool | None = None,
+    bitwise_grad: bool | None = None,
 ) -> Iterator[None]:
     """Temporarily change the settings; the previous values are restored on exit."""
     global_vars = globals()
     previous = {
-        name: global_vars[name] for name in ("chunk_bytes", "granularity", "grad_from_per_sample")
+        name: global_vars[name] for name in ("chunk_bytes", "granularity", "bitwise_grad")
     }
     if chunk_bytes is not None:
         if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
@@ -80,10 +82,10 @@ def configure(
         global_vars["chunk_bytes"] = chunk_bytes
     if granularity is not None:
         global_vars["granularity"] = resolve_granularity(granularity)
-    if grad_from_per_sample is not None:
-        if not isinstance(grad_from_per_sample, bool):
-            raise ValueError(f"grad_from_per_sample must be a bool, got {grad_from_per_sample!r}")
-        global_vars["grad_from_per_sample"] = grad_from_per_sample
+    if bitwise_grad is not None:
+        if not isinstance(bitwise_grad, bool):
+            raise ValueError(f"bitwise_grad must be a bool, got {bitwise_grad!r}")
+        global_vars["bitwise_grad"] = bitwise_grad
     try:
         yield
     finally:

@@ -45,6 +45,7 @@ __all__ = [
     "cast",
     "contribute",
     "discard_pending",
+    "exclusive_use",
     "forget",
     "in_functorch",
     "record_use",
@@ -223,6 +224,20 @@ def _accumulates(param: torch.Tensor, state: _UseState | None) -> bool:
         return True
 
 
+def exclusive_use(param: torch.Tensor | None, ctx: Any) -> bool:
+    """Whether :func:`contribute` for ``param`` from ``ctx`` will take the plain route: a
+    tracked parameter outside ``torch.func``, accumulated by this backward, with ``ctx``
+    its only live use and nothing pending (so a ``squared`` shortcut is what is used)."""
+    if param is None or in_functorch():
+        return False
+    state = _STATE.get(param)
+    if state is not None:
+        live = state.live
+        if state.pending is not None or len(live) - (1 if ctx in live else 0) > 0:
+            return False
+    return _accumulates(param, state)
+
+
 def forget(params: list[torch.Tensor]) -> None:
     """Drop use records and hooks of ``params`` (used by conversions' ``undo``)."""
     for param in params:
@@ -293,7 +308,7 @@ def contribute(
             result, or a :func:`scratch` buffer valid until the next call), so it is
             squared in place.
         with_grad: the caller would like this use's gradient ``sum_n g_n`` from the
-            per-sample gradients formed here (see ``settings.grad_from_per_sample``).
+            per-sample gradients formed here (unless ``settings.bitwise_grad``).
         squared_takes_out: ``squared`` is called as ``squared(out)`` with ``out`` the
             storage to write the result into (``None``: allocate), so that a CPU
             statistic reuses the buffer of the last one (``statistic.reusable_buffer``).
@@ -312,7 +327,7 @@ def contribute(
         if state is not None:
             state.live.discard(ctx)
         return None
-    with_grad = with_grad and squared is None and settings.grad_from_per_sample
+    with_grad = with_grad and squared is None and not settings.bitwise_grad
     others = 0
     if state is not None:
         live = state.live

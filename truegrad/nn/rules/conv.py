@@ -31,7 +31,7 @@ per-position definition, and equal to the per-sample statistic only when a sampl
 single position (e.g. a 1x1 spatial output). The bias gets ``sum_{n,t} dy[n, :, t]**2``.
 
 The weight and bias gradients are the sums of those per-sample gradients
-(``settings.grad_from_per_sample``; equal to torch's up to rounding), so torch's
+(unless ``settings.bitwise_grad``; equal to torch's up to rounding), so torch's
 ``convolution_backward`` is then asked for the input gradient only (and skipped for a
 first layer, whose input needs none). Otherwise gradients are
 ``torch.ops.aten.convolution_backward`` with the very arguments autograd passes for
@@ -153,7 +153,7 @@ def _statistic(
     """Hand ``sum_n g_n**2`` of weight and bias to ``base.contribute`` (module docstring).
 
     Returns the weight and bias gradients where they were summed from the per-sample
-    gradients formed here (``settings.grad_from_per_sample``), ``None`` where not."""
+    gradients formed here (unless ``settings.bitwise_grad``), ``None`` where not."""
     stride, padding, dilation, transposed, output_padding, groups = ctx.args
     sdt = base.stat_dtype(weight)
     # Under autocast torch's gradients are half precision: then they come from torch's op.

@@ -64,15 +64,25 @@ def _step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer.weight.sum_grad_squared
 
 
-def test_cleared_statistic_nobody_holds_is_reused_and_the_values_are_right() -> None:
+@pytest.mark.parametrize(
+    "shape, bitwise",
+    [((8, 64), True), ((4, 3, 64), False)],
+    ids=["2d-matmul-out", "3d-per-sample-sum-out"],
+)
+def test_cleared_statistic_nobody_holds_is_reused_and_the_values_are_right(
+    shape: tuple[int, ...], bitwise: bool
+) -> None:
+    """The squared-operand matmul (2-D input; under bitwise_grad, as the default's paired
+    matmul writes a fresh pair) and the chunked per-sample sum write into the kept buffer."""
     from truegrad import nn, testing
 
     layer = nn.Linear(64, 32)
-    x1, x2 = torch.randn(8, 64), torch.randn(8, 64)
-    ptr = _step(layer, x1).data_ptr()
-    statistic.clear(layer.parameters())
-    layer.zero_grad()
-    stat = _step(layer, x2)
+    x1, x2 = torch.randn(*shape), torch.randn(*shape)
+    with nn.settings.configure(bitwise_grad=bitwise):
+        ptr = _step(layer, x1).data_ptr()
+        statistic.clear(layer.parameters())
+        layer.zero_grad()
+        stat = _step(layer, x2)
     assert stat.data_ptr() == ptr  # written into the kept buffer
     twin = torch.nn.Linear(64, 32)
     twin.load_state_dict(layer.state_dict())

@@ -131,11 +131,15 @@ class TrueGradCallback(Callback):
         chunk_bytes: memory bound for per-sample intermediates
             (:mod:`truegrad.nn.settings`), applied while fitting; ``None`` keeps the
             process-wide setting.
+        bitwise_grad: ``True`` computes every ``p.grad`` with torch's own backward ops
+            (bitwise torch's; ``truegrad.nn.settings.bitwise_grad``), applied while
+            fitting; ``None`` keeps the process-wide setting (default: gradients formed
+            together with the statistic where cheaper, equal to torch's up to rounding).
         log_statistics: log the gradient noise scale and coverage at the Trainer's
             logging interval.
 
     Raises:
-        ValueError: for an unknown ``backend`` or a bad ``chunk_bytes``.
+        ValueError: for an unknown ``backend``, a bad ``chunk_bytes`` or ``bitwise_grad``.
         MisconfigurationException: at ``setup`` for FSDP, DeepSpeed and other strategies
             that flatten parameters; at ``on_fit_start`` when a :class:`TGAdamW` with
             ``default_to_adam=False`` steps parameters the backend does not cover.
@@ -153,6 +157,7 @@ class TrueGradCallback(Callback):
         backend: Literal["nn", "patch_torch", "patch_model", "backpack"] = "patch_torch",
         chunk_bytes: int | None = None,
         log_statistics: bool = False,
+        bitwise_grad: bool | None = None,
     ) -> None:
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -160,13 +165,16 @@ class TrueGradCallback(Callback):
             not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0
         ):
             raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+        if bitwise_grad is not None and not isinstance(bitwise_grad, bool):
+            raise ValueError(f"bitwise_grad must be True, False or None, got {bitwise_grad!r}")
         self.backend = backend
         self.chunk_bytes = chunk_bytes
+        self.bitwise_grad = bitwise_grad
         self.log_statistics = log_statistics
         self._backend: Backend | None = None
         self._handles: list[Handle] = []
         self._module: pl.LightningModule | None = None
-        self._resources = contextlib.ExitStack()  # chunk_bytes setting, active while fitting
+        self._resources = contextlib.ExitStack()  # nn settings, active while fitting
         self._backward = contextlib.ExitStack()  # backend.backward_context of one backward
         self._clipping = contextlib.ExitStack()  # clipping interception, active while set up
         self._samples = 0  # samples seen in the current optimizer step (for logging)
@@ -228,9 +236,10 @@ class TrueGradCallback(Callback):
                 "Use a single device or a DDP strategy (e.g. strategy='ddp')."
             )
         self._module = pl_module
-        if self.chunk_bytes is not None:
-            self._resources.close()
-            self._resources.enter_context(settings.configure(chunk_bytes=self.chunk_bytes))
+        self._resources.close()
+        self._resources.enter_context(
+            settings.configure(chunk_bytes=self.chunk_bytes, bitwise_grad=self.bitwise_grad)
+        )
         self._prepare(pl_module)
         self._wrap_configure_model(pl_module)
         self._clipping.close()
@@ -371,6 +380,7 @@ class TrueGradCallback(Callback):
             "backend": self.backend,
             "chunk_bytes": self.chunk_bytes,
             "log_statistics": self.log_statistics,
+            "bitwise_grad": self.bitwise_grad,
         }
 
     @override

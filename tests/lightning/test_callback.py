@@ -529,6 +529,29 @@ def test_coverage_summary_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert "backend 'nn' covers 6/6 trainable parameters" in caplog.text
 
 
+@pytest.mark.parametrize("bitwise", [True, False])
+def test_bitwise_grad_applied_while_fitting(bitwise: bool) -> None:
+    """The setting is active inside the fit and restored after; either way the statistic is
+    the oracle's."""
+    from truegrad.nn import settings
+
+    seen = []
+
+    class Spy(Module):
+        def training_step(self, batch, batch_idx):
+            seen.append(settings.bitwise_grad)
+            return super().training_step(batch, batch_idx)
+
+    before = settings.bitwise_grad
+    net = zoo.mlp()
+    expected = oracle(net)
+    recorded = fit(Spy(net), callbacks=[TrueGradCallback(backend="nn", bitwise_grad=bitwise)])
+    assert seen == [bitwise] and settings.bitwise_grad == before
+    assert_close(recorded[0], expected)
+    with pytest.raises(ValueError, match="bitwise_grad must be True, False or None, got 'yes'"):
+        TrueGradCallback(bitwise_grad="yes")  # type: ignore[arg-type]
+
+
 def test_chunk_bytes_applied_while_fitting() -> None:
     from truegrad.nn import settings
 

@@ -220,6 +220,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, batch_size: int, bf16_head:
         "backend": "patch_torch",
         "chunk_bytes": None,
         "log_statistics": False,
+        "bitwise_grad": None,
     }
     saved_opt = saved["optimizer_states"][0]["state"]
     assert len(saved_opt) == 4 and all(set(s) == set(STATE_KEYS) for s in saved_opt.values())
@@ -257,11 +258,14 @@ def test_two_callbacks_state_through_checkpoint(tmp_path: Path) -> None:
     t.save_checkpoint(path)
 
     saved = torch.load(path, weights_only=True)["callbacks"]
-    assert saved[a.state_key] == {"backend": "nn", "chunk_bytes": 1 << 20, "log_statistics": False}
+    assert saved[a.state_key] == {
+        "backend": "nn", "chunk_bytes": 1 << 20, "log_statistics": False, "bitwise_grad": None
+    }
     assert saved[b.state_key] == {
         "backend": "patch_torch",
         "chunk_bytes": None,
         "log_statistics": True,
+        "bitwise_grad": None,
     }
 
     a2 = TrueGradCallback(backend="nn", chunk_bytes=1 << 20)

@@ -529,43 +529,29 @@ def test_coverage_summary_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert "backend 'nn' covers 6/6 trainable parameters" in caplog.text
 
 
-@pytest.mark.parametrize("bitwise", [True, False])
-def test_bitwise_grad_applied_while_fitting(bitwise: bool) -> None:
-    """The setting is active inside the fit and restored after; either way the statistic is
-    the oracle's."""
+@pytest.mark.parametrize(
+    "setting, value", [("chunk_bytes", 64), ("bitwise_grad", True), ("bitwise_grad", False)]
+)
+def test_nn_setting_applied_while_fitting(setting: str, value: object) -> None:
+    """The truegrad.nn setting is active inside the fit and restored after; the statistic is
+    still the oracle's (with tiny chunks, and whichever way p.grad is formed)."""
     from truegrad.nn import settings
 
     seen = []
 
     class Spy(Module):
         def training_step(self, batch, batch_idx):
-            seen.append(settings.bitwise_grad)
+            seen.append(getattr(settings, setting))
             return super().training_step(batch, batch_idx)
 
-    before = settings.bitwise_grad
+    before = getattr(settings, setting)
     net = zoo.mlp()
     expected = oracle(net)
-    recorded = fit(Spy(net), callbacks=[TrueGradCallback(backend="nn", bitwise_grad=bitwise)])
-    assert seen == [bitwise] and settings.bitwise_grad == before
+    recorded = fit(Spy(net), callbacks=[TrueGradCallback(backend="nn", **{setting: value})])
+    assert seen == [value] and getattr(settings, setting) == before
     assert_close(recorded[0], expected)
+
+
+def test_bitwise_grad_is_validated() -> None:
     with pytest.raises(ValueError, match="bitwise_grad must be True, False or None, got 'yes'"):
         TrueGradCallback(bitwise_grad="yes")  # type: ignore[arg-type]
-
-
-def test_chunk_bytes_applied_while_fitting() -> None:
-    from truegrad.nn import settings
-
-    seen = []
-
-    class Spy(Module):
-        def training_step(self, batch, batch_idx):
-            seen.append(settings.chunk_bytes)
-            return super().training_step(batch, batch_idx)
-
-    before = settings.chunk_bytes
-    net = zoo.mlp()
-    expected = oracle(net)
-    recorded = fit(Spy(net), callbacks=[TrueGradCallback(backend="nn", chunk_bytes=64)])
-    assert seen == [64]
-    assert settings.chunk_bytes == before
-    assert_close(recorded[0], expected)  # still exact with tiny chunks

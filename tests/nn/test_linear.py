@@ -57,17 +57,24 @@ def test_is_a_drop_in_subclass_with_the_same_state_dict() -> None:
     assert nn.REGISTRY.lookup(nn.Linear).torch_type is torch.nn.Linear
 
 
-def test_accumulates_over_two_backward_passes() -> None:
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["2d", "3d"])
+def test_accumulates_over_two_backward_passes(lead: tuple[int, ...]) -> None:
+    """Statistic and gradient of two backward passes are the sums of each (on 2-D input the
+    first pass takes the paired matmul, the second, with p.grad present, two plain ones)."""
     layer = nn.Linear(4, 3)
-    x1, x2 = torch.randn(5, 2, 4), torch.randn(3, 2, 4)
-    layer(x1).square().sum().backward()
-    first = layer.weight.sum_grad_squared.clone()
-    layer(x2).square().sum().backward()
+    x1, x2 = torch.randn(5, *lead, 4), torch.randn(3, *lead, 4)
     loss_fn = lambda o, _: o.square().sum()  # noqa: E731
     twin = torch.nn.Linear(4, 3)
     twin.load_state_dict(layer.state_dict())
+    layer(x1).square().sum().backward()
+    first = layer.weight.sum_grad_squared.clone()
+    layer(x2).square().sum().backward()
+    loss_fn(twin(x1), None).backward()
+    loss_fn(twin(x2), None).backward()
     second = testing.sum_grad_squared_oracle(twin, loss_fn, x2).sum_grad_squared["weight"]
     torch.testing.assert_close(layer.weight.sum_grad_squared, first + second, rtol=1e-5, atol=1e-7)
+    assert_close_to_rounding(layer.weight.grad, twin.weight.grad)
+    assert torch.equal(layer.bias.grad, twin.bias.grad)
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5)], ids=["2d", "3d"])

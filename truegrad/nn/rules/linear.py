@@ -127,15 +127,20 @@ def _statistic(
 def _paired(ctx: Any, dy: torch.Tensor, x: torch.Tensor, sdt: torch.dtype) -> bool:
     """Whether the weight's gradient and statistic are one batched matmul here: on CPU,
     unless ``settings.bitwise_grad``, in the parameter's own precision (not under
-    autocast), with the stacked operands within ``settings.chunk_bytes``, and when this
-    is the weight's only use in the backward (a shared weight needs per-sample products)."""
+    autocast), with the stacked operands within ``settings.chunk_bytes``, when this is
+    the weight's only use in the backward (a shared weight needs per-sample products),
+    and when the weight has no gradient yet: the gradient then becomes ``p.grad`` as is,
+    a view sharing one block with the statistic, which is what both occupy anyway (an
+    accumulating backward would keep a dead gradient half alive with the statistic)."""
+    weight = ctx.weight_param
     return (
-        ctx.weight_param is not None
+        weight is not None
+        and weight.grad is None
         and not settings.bitwise_grad
         and ctx.compute_dtype == sdt
         and dy.device.type == "cpu"
         and 2 * dy.shape[0] * (dy.shape[1] + x.shape[1]) * dy.element_size() <= settings.chunk_bytes
-        and base.exclusive_use(ctx.weight_param, ctx)
+        and base.exclusive_use(weight, ctx)
     )
 
 

@@ -23,7 +23,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 
 from truegrad.optim import TGAdamW
-from truegrad_lightning.schedules import _SCHEDULES, Schedule, WarmupCosineLR, lr_factor
+from truegrad_lightning.schedules import (
+    _SCHEDULES,
+    Schedule,
+    WarmupCosineLR,
+    check_warmup_steps,
+    lr_factor,
+)
 
 __all__ = ["Schedule", "configure_optimizers", "lr_factor", "param_groups"]
 
@@ -223,18 +229,7 @@ def configure_optimizers(
     min_lr_ratio = _check_number("min_lr_ratio", min_lr_ratio)
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"Invalid min_lr_ratio: {min_lr_ratio} (must be in [0, 1])")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)):
-        raise TypeError(
-            "warmup_steps must be an int (steps) or a float in [0, 1) (a fraction), "
-            f"got {warmup_steps!r}"
-        )
-    if isinstance(warmup_steps, int) and warmup_steps < 0:
-        raise ValueError(f"Invalid warmup_steps: {warmup_steps} (must be >= 0)")
-    if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
-        raise ValueError(
-            f"Invalid warmup_steps: {warmup_steps} (a float is a fraction of total_steps and must "
-            "be in [0, 1); pass an int for a number of steps)"
-        )
+    check_warmup_steps(warmup_steps)
     if total_steps is not None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):
             raise TypeError(f"total_steps must be an int or None, got {total_steps!r}")

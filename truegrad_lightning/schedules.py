@@ -22,7 +22,7 @@ from typing import Literal, get_args
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["Schedule", "WarmupCosineLR", "lr_factor"]
+__all__ = ["Schedule", "WarmupCosineLR", "check_warmup_steps", "lr_factor"]
 
 Schedule = Literal["cosine", "linear", "constant"]
 _SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -102,6 +102,28 @@ class _ScheduleFactor:
         )
 
 
+def check_warmup_steps(warmup_steps: object, prefix: str = "") -> None:
+    """Validate a warmup length: an int number of steps >= 0, or a float fraction of the
+    total in ``[0, 1)``. ``prefix`` starts the error message (who was given it).
+
+    Raises:
+        TypeError: neither an int nor a float (``bool`` included).
+        ValueError: a negative int or a fraction outside ``[0, 1)``.
+    """
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)):
+        raise TypeError(
+            f"{prefix}warmup_steps must be an int (steps) or a float in [0, 1) (a fraction), "
+            f"got {warmup_steps!r}"
+        )
+    if isinstance(warmup_steps, int) and warmup_steps < 0:
+        raise ValueError(f"{prefix}Invalid warmup_steps: {warmup_steps} (must be >= 0)")
+    if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
+        raise ValueError(
+            f"{prefix}Invalid warmup_steps: {warmup_steps} (a float is a fraction of total_steps "
+            "and must be in [0, 1); pass an int for a number of steps)"
+        )
+
+
 class WarmupCosineLR(LambdaLR):
     r"""Linear warmup, then cosine (or linear) decay to ``min_lr_ratio * lr``; step it
     after every optimizer step (``interval: step``).
@@ -141,15 +163,7 @@ class WarmupCosineLR(LambdaLR):
                 f"WarmupCosineLR: unknown schedule {schedule!r}; expected one of "
                 + ", ".join(map(repr, _SCHEDULES))
             )
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)):
-            raise TypeError(f"WarmupCosineLR: warmup_steps must be an int or a float, got {warmup_steps!r}")
-        if isinstance(warmup_steps, int) and warmup_steps < 0:
-            raise ValueError(f"WarmupCosineLR: warmup_steps={warmup_steps} must be >= 0")
-        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
-            raise ValueError(
-                f"WarmupCosineLR: warmup_steps={warmup_steps} is a fraction of total_steps and "
-                "must be in [0, 1) (pass an int for a number of steps)"
-            )
+        check_warmup_steps(warmup_steps, "WarmupCosineLR: ")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"WarmupCosineLR: min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         # not kept as an attribute of its own: LambdaLR.state_dict() saves every attribute

@@ -307,21 +307,11 @@ def _peak_mib(step: StepFn) -> float:
     Opacus' grad_sample) are allocated in the warm-up step and not counted here; they are
     listed separately in the README.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from truegrad.diagnosis import cpu_peak_bytes
 
     step()
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [
-        e for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak / 2**20
+    with _quiet_stderr():
+        return cpu_peak_bytes(step) / 2**20
 
 
 def measure_memory(workload: str, contenders: list[str]) -> dict[str, float]:

@@ -41,7 +41,7 @@ import torch
 from truegrad import _bypass, statistic, testing
 from truegrad.backends import get_backend
 
-__all__ = ["DiagnosisReport", "ParameterDiagnosis", "diagnose"]
+__all__ = ["DiagnosisReport", "ParameterDiagnosis", "cpu_peak_bytes", "diagnose"]
 
 SAMPLES_INTERACT = "n/a (samples interact)"
 
@@ -149,6 +149,27 @@ class DiagnosisReport:
         return "\n".join(out)
 
 
+def cpu_peak_bytes(run: Callable[[], Any]) -> int:
+    """Peak of torch's CPU allocations while ``run()`` executes, above where it started:
+    the running sum of the profiler's ``[memory]`` events (``torch.profiler``,
+    ``profile_memory=True``) in time order, at its highest. Memory allocated before and
+    still held is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [
+        e for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def _bytes(n: int | None) -> str:
     if n is None:
         return "?"
@@ -249,20 +270,7 @@ class _Step:
             self.backward(self.forward(), backward_context)
             torch.cuda.synchronize(device)
             return torch.cuda.max_memory_allocated(device) - before
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.backward(self.forward(), backward_context)
-        events = [
-            e for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-        ]
-        events.sort(key=lambda e: e.start_ns())
-        current = peak = 0
-        for event in events:
-            current += event.nbytes()
-            peak = max(peak, current)
-        return peak
+        return cpu_peak_bytes(lambda: self.backward(self.forward(), backward_context))
 
 
 def diagnose(

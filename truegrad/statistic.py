@@ -88,8 +88,6 @@ def add(param: torch.Tensor, contribution: torch.Tensor, *, owned: bool = False)
         # A fresh tensor unless the caller owns ``contribution`` (then no copy is needed).
         copy = not (owned and contribution.dtype == dtype)
         setattr(param, ATTRIBUTE, contribution.detach().to(dtype=dtype, copy=copy))
-    elif contribution.dtype == dtype and contribution.device == current.device:
-        current.add_(contribution.detach())
     else:
         current.add_(contribution.detach().to(device=current.device, dtype=dtype))
 

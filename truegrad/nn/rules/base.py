@@ -136,11 +136,11 @@ def scratch(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: str = "per_sample"
 ) -> torch.Tensor:
     """A reusable buffer for one chunk of per-sample gradients (see :func:`contribute`'s
-    ``per_sample_owned``) or another large temporary. Fresh large CPU tensors are page-faulted in on every
-    backward, which costs as much as squaring them; one buffer per device, dtype and
-    ``slot`` (a rule needing two at once uses two slots), as large as the largest
-    request so far (at most ``settings.chunk_bytes`` plus one sample), avoids that.
-    Only valid until the next call for the same slot."""
+    ``per_sample_owned``) or another large temporary. Fresh large CPU tensors are
+    page-faulted in on every backward, which costs as much as squaring them; one buffer
+    per device, dtype and ``slot`` (a rule needing two at once uses two slots), as large
+    as the largest request so far (at most ``settings.chunk_bytes`` plus one sample),
+    avoids that. Only valid until the next call for the same slot."""
     numel = math.prod(shape)
     key = (device, dtype, slot)
     buffer = _SCRATCH.get(key)
@@ -330,12 +330,8 @@ def contribute(
     with_grad = with_grad and squared is None and not settings.bitwise_grad
     others = 0
     if state is not None:
-        live = state.live
-        try:
-            live.remove(ctx)
-        except KeyError:
-            pass
-        others = len(live)
+        state.live.discard(ctx)
+        others = len(state.live)
     shared = state is not None and (others > 0 or state.pending is not None)
     if shared:
         assert state is not None

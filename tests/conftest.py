@@ -9,3 +9,13 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_model_call():
+    yield
+    from truegrad.engine import forward
+
+    depth = getattr(forward._STATE, "depth", 0)
+    call = getattr(forward._STATE, "call", None)
+    assert depth == 0 and call is None, f"a model call was left open (depth {depth}, {call})"

@@ -27,6 +27,9 @@ class ZooEntry:
     loss: Callable[[Any, Any], torch.Tensor]
     targets: Callable[[], Any] = lambda: None
     samples_interact: bool = False
+    #: which exact oracle applies: "func" (torch.func) or "loop" (one backward per sample,
+    #: for models torch.func cannot run: data-dependent control flow, masks built from data)
+    oracle: str = "func"
 
 
 # ----------------------------------------------------------------------------- models

@@ -64,9 +64,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -74,6 +73,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from truegrad import _bypass, _names, _originals, statistic
+from truegrad._weakid import WeakIdMap
+from truegrad.engine import door, forward, generic, samples
 from truegrad.nn.rules import base
 from truegrad.nn.rules import elementwise as _elementwise_rule
 from truegrad.nn.rules import matmul as _matmul_rule
@@ -82,60 +83,26 @@ __all__ = [
     "DerivedTensor",
     "TrueGradParameter",
     "batch_size",
-    "enter_forward",
-    "exit_forward",
     "forget",
     "reason",
-    "remember_buffers",
+    "track",
+    "untrack",
 ]
 
 _plain = torch._C._disabled_torch_function_impl
 _NoSubclass = torch._C.DisableTorchFunctionSubclass
-_FORWARD = threading.local()
 
 
 # ----------------------------------------------------------------------------- model calls
 
 
-@dataclasses.dataclass
-class _Forward:
-    batch: int | None
-    inputs: frozenset[int]
-
-
-def enter_forward(args: tuple, kwargs: dict) -> None:
-    """Called before each module forward of a prepared model: the outermost call records
-    the batch size N (dim 0 of its first tensor argument) and its input tensors."""
-    depth = getattr(_FORWARD, "depth", 0)
-    _FORWARD.depth = depth + 1
-    if depth:
-        return
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    batch = next((t.shape[0] for t in leaves if t.dim() > 0), None)
-    _FORWARD.current = _Forward(batch, frozenset(id(t) for t in leaves))
-    _FORWARD.epoch = getattr(_FORWARD, "epoch", 0) + 1
-
-
-def exit_forward() -> None:
-    """Called after each module forward of a prepared model (also on exceptions)."""
-    depth = getattr(_FORWARD, "depth", 0) - 1
-    _FORWARD.depth = max(depth, 0)
-    if depth <= 0:
-        _FORWARD.current = None
-
-
-def _current() -> _Forward | None:
-    return getattr(_FORWARD, "current", None)
-
-
 def _epoch() -> int:
-    return getattr(_FORWARD, "epoch", 0)
+    return samples.current_epoch()
 
 
 def batch_size() -> int | None:
-    """N of the model call in progress, or ``None`` outside a prepared model's forward."""
-    current = _current()
-    return None if current is None else current.batch
+    """N of the model call in progress, or ``None`` outside one."""
+    return forward.batch_size()
 
 
 # ----------------------------------------------------------------------------- poison
@@ -158,15 +125,6 @@ class _Poison:
 
 _POISON: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _REASONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # buffers of prepared models: constants
-
-
-def remember_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Buffers of ``model`` (and views of them) count as constants, not batch data."""
-    buffers = [b for b in model.buffers() if b not in _BUFFERS]
-    for buffer in buffers:
-        _BUFFERS[buffer] = True
-    return buffers
 
 
 def reason(param: torch.Tensor) -> str | None:
@@ -174,11 +132,8 @@ def reason(param: torch.Tensor) -> str | None:
     return _REASONS.get(param)
 
 
-def forget(params: list[torch.Tensor], buffers: list[torch.Tensor] = ()) -> None:
-    """Drop recorded reasons, poison and hooks of ``params`` and the constant marks of
-    ``buffers`` (``undo`` of ``patch_model``)."""
-    for buffer in buffers:
-        _BUFFERS.pop(buffer, None)
+def forget(params: list[torch.Tensor]) -> None:
+    """Drop recorded reasons, poison and hooks of ``params`` (``undo`` of a backend)."""
     for param in params:
         _REASONS.pop(param, None)
         state = _POISON.pop(param, None)
@@ -245,7 +200,7 @@ def _poison(ours: list[torch.Tensor], op: str, detail: str, outputs: list[torch.
     epoch = _epoch()
     for param in _sources_of(ours):
         _REASONS[param] = (
-            f"{op} on {_names.describe(param)}: {detail}; patch_model gives it no sum_grad_squared"
+            f"{op} on {_names.describe(param)}: {detail}; it gets no sum_grad_squared"
         )
         state = _state(param)
         if state.records and state.epoch != epoch:
@@ -258,7 +213,7 @@ def _poison(ours: list[torch.Tensor], op: str, detail: str, outputs: list[torch.
 
 def _clear_after_this_backward(param: torch.Tensor, detail: str) -> None:
     _REASONS[param] = (
-        f"{_names.describe(param)}: {detail}; patch_model gives it no sum_grad_squared"
+        f"{_names.describe(param)}: {detail}; it gets no sum_grad_squared"
     )
     _state(param).clear_once = True
 
@@ -271,25 +226,47 @@ def _is_ours(t: Any) -> bool:
 
 
 def _kind(t: Any) -> str:
-    """``"ours"`` (a trainable TrueGradParameter or a DerivedTensor), ``"sample"`` (batch
-    data, see the module docstring) or ``"const"``."""
+    """``"ours"`` (a trainable TrueGradParameter or a DerivedTensor), ``"sample"`` (carries
+    the model's samples, see :func:`_layout`), ``"lost"`` (carries them through an op that
+    was not followed) or ``"const"`` (no batch)."""
     if not isinstance(t, torch.Tensor):
         return "const"
     if isinstance(t, (TrueGradParameter, DerivedTensor)):
         return "ours" if t.requires_grad else "const"
-    if t.requires_grad:
-        return "sample"
-    if t.dim() == 0:
+    tagged = samples.layout_of(t)
+    if tagged is not None and not isinstance(tagged, samples.Iota):
+        return "sample" if isinstance(tagged, samples.Layout) else "lost"
+    in_call = forward.in_call()
+    if t.requires_grad and not t.is_leaf and (in_call or t.dim() == 0):
+        return "lost"  # it carries gradient from a computation whose samples were not followed
+    if in_call or t.dim() == 0:
         return "const"
-    current = _current()
-    if current is None:
-        return "sample"
-    root = t if t._base is None else t._base
-    if id(t) in current.inputs or id(root) in current.inputs:
-        return "sample"
-    if root in _BUFFERS or t.dim() == 1:
-        return "const"
-    return "const" if t.shape[0] == 1 and current.batch != 1 else "sample"
+    return "sample"  # outside any model call: dim 0 of the op's input (the op is the model)
+
+
+def _layout(t: torch.Tensor) -> samples.Layout:
+    """Where the samples are in a tensor of kind ``"sample"``."""
+    tagged = samples.layout_of(t)
+    if isinstance(tagged, samples.Layout):
+        return tagged
+    return samples.Layout(0, t.shape[0])
+
+
+def _lost_reason(values: Any) -> str | None:
+    """Why the first tensor of kind ``"lost"`` among ``values`` cannot be split per sample."""
+    for t in values:
+        if _kind(t) != "lost":
+            continue
+        tagged = samples.layout_of(t)
+        if isinstance(tagged, samples.Lost):
+            return tagged.describe()
+        if t.dim() == 0:
+            return "it meets a 0-d tensor computed from the samples (a loss): no sample dimension"
+        return (
+            "it meets a tensor computed outside the model's forward (or by an op truegrad did "
+            "not see), whose samples truegrad cannot follow"
+        )
+    return None
 
 
 def _leaves(args: tuple, kwargs: dict) -> Iterator[Any]:
@@ -321,17 +298,12 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(s.dtype == torch.float64 for s in _sources(q)) else torch.float32
 
 
-def _samples_reason(n: int | None) -> str | None:
-    """Why a sample dim of size ``n`` cannot be used (``None``: it can)."""
-    if n is None:
-        return "the result has no sample dimension"
-    batch = batch_size()
-    if batch is not None and n != batch:
-        return (
-            f"the op's sample dimension (dim 0) has size {n} but the model's batch has {batch} "
-            "samples, so dim 0 does not index samples"
-        )
-    return None
+def _broadcast_layout(x: torch.Tensor, layout: samples.Layout, out: torch.Tensor) -> samples.Layout | None:
+    """Where ``x``'s samples are in ``out``, a broadcast of ``x`` (right-aligned)."""
+    pos = layout.dim + out.dim() - x.dim()
+    if not 0 <= pos < out.dim() or out.shape[pos] != x.shape[layout.dim]:
+        return None
+    return layout.at(pos)
 
 
 def _op_name(func: Callable[..., Any]) -> str:
@@ -464,7 +436,7 @@ def _contribute(use: _Use, params: list[torch.Tensor], dy: torch.Tensor) -> None
         for param in active:
             _clear_after_this_backward(
                 param, "a second backward through the same graph (retain_graph=True) cannot be "
-                "split per sample by patch_model"
+                "split per sample"
             )
         return
     terms, use.terms = use.terms, None  # release the saved operands, as torch does
@@ -494,7 +466,8 @@ def _contribute(use: _Use, params: list[torch.Tensor], dy: torch.Tensor) -> None
             def squared() -> torch.Tensor:
                 return shortcut(dy).to(dtype)
 
-        base.contribute(param, use.n, per_sample, squared, ctx=use)
+        sample_numel = max(plan.sample_numel for _, plan in items)
+        base.contribute(param, use.n, per_sample, squared, ctx=use, sample_numel=sample_numel)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -560,6 +533,10 @@ def _generic(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         other = args[1]
         if isinstance(other, torch.Tensor) and not _is_ours(other):  # p.expand_as(x): x's shape
             return _generic(shape_only, (args[0], tuple(other.shape)), {})
+    if func in _BACKWARDS and any(isinstance(t, DerivedTensor) for t in _leaves(args, kwargs)):
+        roots = [t for t in _leaves(args, kwargs) if isinstance(t, DerivedTensor)]
+        detail = "the loss is computed from parameters alone: no op on the way sees the samples"
+        _poison(_ours_in(args, kwargs), _op_name(func), detail, roots)
     before = None
     first = args[0] if args else None
     inplace = isinstance(first, torch.Tensor) and not _is_ours(first) and _inplace(func)
@@ -577,11 +554,14 @@ def _generic(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     if any(o is q for o in outs for q in ours):
         return result  # the op returned the parameter itself (contiguous(), to(same dtype))
     derivable = _lookup(_DERIVABLE, func)
+    if derivable is None and func not in generic.RANDOM and not _inplace(func):
+        derivable = "pure"  # any other deterministic op is replayable on parameters alone
     if derivable is not None and not inplace:
         cast = derivable == "cast"
         if cast and _is_ours(args[0]):
             return _derive(func, args, kwargs, result, [args[0]], cast=True)
-        if not cast and not any(_kind(t) == "sample" for t in pytree.tree_leaves((args, kwargs))):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not cast and not any(_kind(t) in ("sample", "lost") for t in leaves):
             return _derive(func, args, kwargs, result, ours)
     leaves = pytree.tree_leaves((args, kwargs))
     others = [t for t in leaves if isinstance(t, torch.Tensor) and not _is_ours(t)]
@@ -590,11 +570,31 @@ def _generic(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         stops.add(before)
     if not _flows(outs, ours, stops):
         return result
-    detail = (
-        "patch_model cannot split this op per sample"
-        if derivable is not None else "patch_model has no rule for this op"
-    )
+    detail = _lost_reason(leaves)
+    if detail is None and not inplace and any(_kind(t) == "sample" for t in leaves):
+        plans = generic.plan(func, args, kwargs, result, ours, _unbroadcast, _stat_dtype)
+        if not isinstance(plans, str):
+            _observe(result, plans)
+            return result
+        detail = plans
+    if detail is None:
+        detail = (
+            "truegrad cannot split this op per sample"
+            if derivable is not None else "truegrad has no rule for this op"
+        )
     _poison(ours, _op_name(func), detail, outs)
+    return result
+
+
+def _replayed(func: Callable[..., Any], args: tuple, kwargs: dict, ours: list[torch.Tensor], why: str) -> Any:
+    """Run the op as torch does and give ``ours`` the generic per-sample rule
+    (:mod:`truegrad.engine.generic`); poison them with the reason if it does not apply."""
+    result = func(*args, **kwargs)
+    plans = generic.plan(func, args, kwargs, result, ours, _unbroadcast, _stat_dtype)
+    if isinstance(plans, str):
+        _poison(ours, _op_name(func), f"{why}, and {plans}", _grad_outputs(result))
+        return result
+    _observe(result, plans)
     return result
 
 
@@ -613,8 +613,8 @@ def _unsupported(
 def _unbroadcast(q: torch.Tensor, axis: int) -> torch.Tensor:
     """``q`` itself, or, when ``q`` is a derived tensor expanded along ``axis`` (stride 0, every
     slice the same function of the parameters: ``p.expand(N, ...)``), its first slice
-    ``q.narrow(axis, 0, 1)``, which broadcasts to the same values. The op's sample index
-    may run along such an axis."""
+    ``q.narrow(axis, 0, 1)``, which broadcasts to the same values. The op's samples may run
+    along such an axis."""
     if not isinstance(q, DerivedTensor) or not 0 <= axis < q.dim():
         return q
     if q.shape[axis] <= 1 or q.stride(axis) != 0:
@@ -633,23 +633,33 @@ def _elementwise(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     if "ours" not in (ka, kb):
         return _generic(func, args, kwargs)
     ours = [t for t, k in ((a, ka), (b, kb)) if k == "ours"]
+    if "lost" in (ka, kb):
+        return _unsupported(func, args, kwargs, ours, _lost_reason((a, b)) or "")
     if "sample" not in (ka, kb):
         if spec.inplace:
             return _generic(func, args, kwargs)
         return _derive(func, args, kwargs, func(*args, **kwargs), ours)
     q_first = ka == "ours"
     q = a if q_first else b
+    x = b if q_first else a
     if spec.inplace and q_first:
         return func(*args, **kwargs)  # torch refuses in-place ops on a leaf (or its view)
+    x_layout = _layout(x)
     old = a.detach().clone() if spec.inplace and op in ("mul", "div") else a
     result = func(*args, **kwargs)
     out = args[0] if spec.inplace else result
+    other = old if not q_first else b
     dtype = _stat_dtype(q)
-    q = _unbroadcast(q, 0) if q.dim() == out.dim() else q
-    dydq = _elementwise_rule.factor(op, q_first, old, b, alpha, q.detach(), out.dim(), dtype)
-    plan = _elementwise_rule.plan_elementwise(out.shape, q.shape, dydq, dtype)
-    if not isinstance(plan, str):
-        plan = _samples_reason(plan.n_samples) or plan
+    out_layout = _broadcast_layout(x, x_layout, out)
+    if out_layout is None:
+        _poison(ours, _op_name(func), "the operand carrying the samples is broadcast", [out])
+        return result
+    q_axis = out_layout.dim - (out.dim() - q.dim())
+    q = _unbroadcast(q, q_axis)
+    plan = _elementwise_rule.plan_elementwise(
+        out.shape, q.shape, out_layout, dtype, op=op, q_first=q_first, other=other,
+        other_layout=x_layout, alpha=alpha, q_value=q.detach(),
+    )
     if isinstance(plan, str):
         _poison(ours, _op_name(func), plan, [out])
         return result
@@ -667,42 +677,52 @@ def _matmul(func: Callable[..., Any], args: tuple, kwargs: dict, kind: str | Non
     ours = [t for t, k in ((c.a, ka), (c.b, kb), (c.bias, kbias)) if k == "ours"]
     if not ours:
         return _generic(func, args, kwargs)
+    if "lost" in (ka, kb, kbias):
+        return _unsupported(func, args, kwargs, ours, _lost_reason((c.a, c.b, c.bias)) or "")
     if "sample" not in (ka, kb, kbias):
         return _derive(func, args, kwargs, func(*args, **kwargs), ours)
     if "sample" not in (ka, kb):
         detail = "the batch enters only through the added term"
         return _unsupported(func, args, kwargs, ours, detail)
+    if ka == "sample" and kb == "sample":
+        detail = "both factors carry the samples"
+        return _unsupported(func, args, kwargs, ours, detail)
     result = func(*args, **kwargs)
-    x = c.a if ka == "sample" else c.b
-    n_index = c.terms[0 if ka == "sample" else 1].find(c.output[:1]) if c.output else -1
-    split = None
-    if isinstance(x, torch.Tensor) and x.dim() == 2 and n_index == 0 and result.dim() == 2:
-        split = _matmul_rule.flattened_samples(x)
-    n = split if split is not None else (result.shape[0] if result.dim() else None)
+    x_index = 0 if ka == "sample" else 1
+    x = c.operands[x_index]
+    x_layout = _layout(x)
+    n_letter = c.terms[x_index][x_layout.dim]
     detail = None
+    out_layout = None
+    if n_letter not in c.output:
+        detail = "the product sums over the samples (their index is contracted)"
+    else:
+        out_layout = x_layout.at(c.output.index(n_letter))
     terms: list[tuple[torch.Tensor, _elementwise_rule.Plan]] = []
-    for index, k in enumerate((ka, kb)):  # one of them is the batch, so k: the parameter
-        if detail is None and k == "ours":
-            operand = c.operands[index]
-            narrowed = _unbroadcast(operand, c.terms[index].find(c.output[:1]) if c.output else -1)
-            plan_c = c
-            if narrowed is not operand:
-                plan_c = dataclasses.replace(c, **{"ab"[index]: narrowed})
-            dtype = _stat_dtype(operand)
-            plan = _matmul_rule.plan_contraction(plan_c, index, result.shape, dtype, split=split)
-            if isinstance(plan, str):
-                detail = plan
-            else:
-                terms.append((narrowed, plan))
+    index = 1 - x_index  # the parameter's operand
+    if detail is None and (ka, kb)[index] == "ours":
+        operand = c.operands[index]
+        narrowed = _unbroadcast(operand, c.terms[index].find(n_letter))
+        plan_c = c
+        if narrowed is not operand:
+            plan_c = dataclasses.replace(c, **{"ab"[index]: narrowed})
+        dtype = _stat_dtype(operand)
+        plan = _matmul_rule.plan_contraction(plan_c, index, result.shape, dtype, x_layout)
+        if isinstance(plan, str):
+            detail = plan
+        else:
+            terms.append((narrowed, plan))
     if detail is None and kbias == "ours":
-        bias = _unbroadcast(c.bias, 0) if c.bias.dim() == result.dim() else c.bias
+        assert out_layout is not None
+        bias = c.bias
+        if bias.dim() == result.dim():
+            bias = _unbroadcast(bias, out_layout.dim)
         dtype = _stat_dtype(bias)
-        plan = _matmul_rule.plan_bias(result.shape, bias.shape, c.beta, dtype, split=split)
+        plan = _matmul_rule.plan_bias(result.shape, bias.shape, c.beta, dtype, out_layout)
         if isinstance(plan, str):
             detail = f"the added term: {plan}"
         else:
             terms.append((bias, plan))
-    detail = detail or _samples_reason(n)
     if detail is not None:
         _poison(ours, _op_name(func), detail, [result])
         return result
@@ -724,32 +744,65 @@ def _first_dim(t: Any, unbatched_below: int = 2) -> int | None:
     return t.shape[0] if t.dim() >= unbatched_below else 1
 
 
-def _samples(name: str, arguments: dict[str, Any]) -> int | None:
-    """N of one call of the truegrad functional ``name`` (its own notion of samples)."""
-    x = arguments.get("input", arguments.get("input1", arguments.get("query")))
-    if not isinstance(x, torch.Tensor):
-        return None
-    if name.startswith("conv"):
-        weight = arguments.get("weight")
-        return x.shape[0] if not isinstance(weight, torch.Tensor) or x.dim() == weight.dim() else 1
-    if name == "embedding":
-        return x.shape[0] if x.dim() >= 1 else 1
-    if name == "embedding_bag":
-        if x.dim() == 2:
-            return x.shape[0]
-        offsets = arguments.get("offsets")
-        if not isinstance(offsets, torch.Tensor):
-            return None
-        return offsets.numel() - (1 if arguments.get("include_last_offset") else 0)
-    if name in ("layer_norm", "rms_norm"):
-        shape = arguments.get("normalized_shape", ())
-        trailing = 1 if isinstance(shape, int) else len(tuple(shape))
-        return x.shape[0] if x.dim() > trailing else 1
+#: functionals whose samples may be anywhere in the leading dims of these arguments (they act
+#: on the trailing dims); they get the layout as ``samples=``
+_LEADING = {
+    "linear": ("input",),
+    "layer_norm": ("input",),
+    "rms_norm": ("input",),
+    "embedding": ("input",),
+    "bilinear": ("input1", "input2"),
+}
+
+
+def _rule_layout(name: str, arguments: dict[str, Any]) -> samples.Layout | str:
+    """Where the samples are for one call of the truegrad functional ``name``, or why the
+    rule cannot split this call per sample."""
+    if name in _LEADING:
+        layouts = []
+        for key in _LEADING[name]:
+            x = arguments.get(key)
+            if not isinstance(x, torch.Tensor) or _kind(x) != "sample":
+                return f"its {key!r} argument does not carry the samples"
+            layouts.append(_layout(x))
+        if any(lay != layouts[0] for lay in layouts[1:]):
+            return "its inputs carry the samples in different layouts"
+        return layouts[0]
     if name == "multi_head_attention_forward":
-        return x.shape[1] if x.dim() == 3 else 1
-    if name == "prelu":
-        return x.shape[0] if x.dim() >= 1 else 1
-    return _first_dim(x)
+        x = arguments.get("query")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or _kind(x) != "sample":
+            return "its query does not carry the samples in a batched (L, N, E) layout"
+        layout = _layout(x)
+        if layout.n == 1:  # one sample: all of it, in the layer's batch dim too
+            return samples.Layout(1, 1)
+        if layout != samples.Layout(1, layout.n):
+            return f"the samples are in {layout.describe()} of the query, not in its batch dim 1"
+        return layout
+    if name == "embedding_bag":
+        x, offsets = arguments.get("input"), arguments.get("offsets")
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            carrier = x
+        elif isinstance(offsets, torch.Tensor):
+            carrier = offsets
+        else:
+            return "its bags do not carry the samples"
+    else:
+        carrier = arguments.get("input")
+    if not isinstance(carrier, torch.Tensor) or _kind(carrier) != "sample":
+        return "its input does not carry the samples"
+    layout = _layout(carrier)
+    if layout.n == 1:  # one sample: all of it, in the layer's batch dim too
+        layout = samples.Layout(0, 1)
+    if layout != samples.Layout(0, layout.n):
+        return f"the samples are in {layout.describe()} of its input, not in its batch dim 0"
+    weight = arguments.get("weight")
+    if name.startswith("conv") and isinstance(weight, torch.Tensor) and carrier.dim() != weight.dim():
+        return "an unbatched convolution: dim 0 of its input is channels, not samples"
+    if name == "embedding_bag" and carrier is offsets:
+        bags = offsets.numel() - (1 if arguments.get("include_last_offset") else 0)
+        if bags != layout.n:
+            return "its bags are not the samples"
+    return layout
 
 
 def _pure(name: str, arguments: dict[str, Any]) -> bool:
@@ -812,7 +865,11 @@ def _functional(spec: _Functional, func: Callable[..., Any], args: tuple, kwargs
     ours = in_params + elsewhere
     if not ours:
         return _generic(func, args, kwargs)
-    if not any(_kind(t) == "sample" for t in _leaves(args, kwargs)):
+    leaves = list(_leaves(args, kwargs))
+    lost = _lost_reason(leaves)
+    if lost is not None:
+        return _unsupported(func, args, kwargs, ours, lost)
+    if not any(_kind(t) == "sample" for t in leaves):
         if _pure(spec.name, arguments):
             return _derive(func, args, kwargs, func(*args, **kwargs), ours)
         detail = "a side-effecting call on parameters without a batch"
@@ -820,25 +877,22 @@ def _functional(spec: _Functional, func: Callable[..., Any], args: tuple, kwargs
     if elsewhere:
         return _unsupported(func, args, kwargs, ours, "a parameter is passed as the data argument")
     derived = any(isinstance(t, DerivedTensor) for t in in_params)
-    if spec.name == "linear":
-        x = arguments["input"]
-        flattened = x.dim() == 2 and (
-            _matmul_rule.flattened_samples(x) is not None
-            or (batch_size() is not None and x.shape[0] != batch_size())
-        )
-        if derived or flattened:
-            return _matmul(func, args, kwargs, kind="linear")
+    if spec.name == "linear" and derived:
+        return _matmul(func, args, kwargs, kind="linear")
     if derived:
-        detail = "it receives a computed view of the parameter, not the parameter itself"
-        return _unsupported(func, args, kwargs, ours, detail)
+        detail = "its rule takes parameters, not tensors computed from them"
+        return _replayed(func, args, kwargs, ours, detail)
     detail = _options_reason(spec.name, arguments)
-    detail = detail or _samples_reason(_samples(spec.name, arguments))
-    if detail is not None:
-        return _unsupported(func, args, kwargs, ours, detail)
+    layout = _rule_layout(spec.name, arguments) if detail is None else detail
+    if isinstance(layout, str):
+        return _unsupported(func, args, kwargs, ours, layout)
     for param in in_params:
         _touch(param)
+    extra = {k: v for k, v in door.options().items() if k in spec.defaults and k != "samples"}
+    if spec.name in _LEADING:
+        extra["samples"] = layout
     try:
-        return spec.truegrad(*args, **kwargs)
+        return spec.truegrad(*args, **kwargs, **extra)
     except (ValueError, NotImplementedError) as error:
         return _unsupported(func, args, kwargs, ours, f"truegrad's rule refused it ({error})")
 
@@ -888,6 +942,7 @@ def _derivable() -> dict[Any, str]:
 
 
 _DERIVABLE: dict[Any, str] = _derivable()
+_BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 _VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 #: ``p.expand_as(x)`` and friends use only ``x.shape``: ``p.expand(x.shape)``.
 _SHAPE_ONLY: dict[Any, Any] = {
@@ -913,8 +968,8 @@ def _handlers() -> dict[Any, Callable[[Callable[..., Any], tuple, dict], Any]]:
         original = getattr(_originals.F, name, None)
         if original is None:
             continue
-        replacement = getattr(tfunctional, name)
-        spec = _Functional.of(name, replacement)
+        rule = getattr(tfunctional, name).rule  # the rule itself, not its door
+        spec = _Functional.of(name, rule)
         table[original] = functools.partial(_functional, spec)
     _HANDLERS.update(table)
     return _HANDLERS
@@ -930,6 +985,7 @@ def _torch_function(
         kwargs = {}
     if not torch.is_grad_enabled() or _bypass.bypassed():
         return _plain(func, types, args, kwargs)
+    func = getattr(func, "torch_function", func)  # a truegrad door (patch_torch): torch's own
     handler = _lookup(_HANDLERS or _handlers(), func)
     if handler is None and getattr(func, "__name__", None) in ("__get__", "__set__", "__delete__"):
         # attribute access (p.shape, p.grad = None ...): only .T/.mT/.H/.mH make views
@@ -953,6 +1009,11 @@ class TrueGradParameter(torch.nn.Parameter):
 
     __torch_function__ = classmethod(_torch_function)  # type: ignore[assignment]
 
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = True) -> TrueGradParameter:
+        param = super().__new__(cls, data, requires_grad)
+        _hold_tracking(param)
+        return param
+
     def __reduce_ex__(self, proto: Any) -> tuple:
         with _NoSubclass():
             state = torch._utils._get_obj_state(self)
@@ -969,6 +1030,44 @@ class TrueGradParameter(torch.nn.Parameter):
 def _rebuild(data: torch.Tensor, requires_grad: bool, state: Any) -> TrueGradParameter:
     param = TrueGradParameter(data, requires_grad)
     return torch._utils._set_obj_state(param, state)
+
+
+#: tracked parameter -> the token that keeps model calls tracked while it lives
+_TOKENS: WeakIdMap[forward.Tracking] = WeakIdMap()
+
+
+def _hold_tracking(param: torch.Tensor) -> None:
+    if param not in _TOKENS:
+        token = forward.acquire()
+        _TOKENS[param] = token
+        weakref.finalize(param, token.release)
+
+
+def track(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Make every trainable plain ``nn.Parameter`` among ``params`` a
+    :class:`TrueGradParameter` in place (same object: optimizer, DDP and ``state_dict``
+    references stay valid); returns the ones it changed (for :func:`untrack`). The caller
+    makes the model's calls model calls (:func:`truegrad.engine.forward.hook_model`, or a
+    :class:`~truegrad.engine.forward.Tracking` token)."""
+    changed = []
+    for param in params:
+        if param.requires_grad and type(param) is torch.nn.Parameter:
+            param.__class__ = TrueGradParameter
+            changed.append(param)
+    return changed
+
+
+def untrack(params: Iterable[torch.Tensor]) -> None:
+    """Undo :func:`track` for ``params`` (back to ``torch.nn.Parameter``, same objects)."""
+    params = list(params)
+    for param in params:
+        if type(param) is TrueGradParameter:
+            param.__class__ = torch.nn.Parameter
+        token = _TOKENS.pop(param)
+        if token is not None:
+            token.release()
+    forget(params)
+    base.forget(params)
 
 
 class DerivedTensor(torch.Tensor):

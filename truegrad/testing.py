@@ -31,6 +31,7 @@ across the batch dimension); a model that violates this is rejected with a
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from truegrad import _bypass, statistic
 
 __all__ = [
     "OracleResult",
+    "plain_copy",
     "assert_matches_oracle",
     "compare_to_oracle",
     "layer_sum_grad_squared",
@@ -69,6 +71,29 @@ class OracleResult:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` that is plain torch: every ``truegrad.nn`` module turned back
+    into its ``torch.nn`` class and every tracked parameter into a ``torch.nn.Parameter``
+    (values, names and ``requires_grad`` kept; gradients and statistics dropped). Train it
+    side by side with ``model`` to compare outputs and ``p.grad`` with torch's own."""
+    from truegrad import nn as tnn
+    from truegrad.parameter import TrueGradParameter
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        rule = tnn.REGISTRY.lookup(type(module))
+        if rule is not None and isinstance(module, rule.module_type):
+            original = getattr(type(module), "_truegrad_original", rule.torch_type)
+            module.__class__ = original
+        for param in module.parameters(recurse=False):
+            if isinstance(param, TrueGradParameter):
+                param.__class__ = torch.nn.Parameter
+            param.grad = None
+            statistic.clear([param])
+    return twin
+
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

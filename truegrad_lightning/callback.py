@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -178,6 +178,7 @@ class TrueGradCallback(Callback):
         self._backward = contextlib.ExitStack()  # backend.backward_context of one backward
         self._clipping = contextlib.ExitStack()  # clipping interception, active while set up
         self._samples = 0  # samples seen in the current optimizer step (for logging)
+        self._checked_first_step = True  # on_fit_start arms the check after the first backward
         self._loaded_state: dict[str, Any] = {}  # what load_state_dict received
 
     @property
@@ -261,32 +262,45 @@ class TrueGradCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         coverage = self._get_backend().coverage(pl_module)
-        name_of = {id(p): n for n, p in pl_module.named_parameters()}
-        strict: set[int] = set()
-        for optimizer in trainer.optimizers:
-            if isinstance(optimizer, TGAdamW):
-                for group in optimizer.param_groups:
-                    if not group["default_to_adam"]:
-                        strict.update(id(p) for p in group["params"] if p.requires_grad)
-        missing = [
-            f"{name_of[i]} ({coverage[name_of[i]]})"
-            for i in strict
-            if i in name_of and coverage.get(name_of[i]) is not None
-        ]
-        if missing:
-            raise MisconfigurationException(
-                f"TrueGradCallback(backend={self.backend!r}): {len(missing)} trainable "
-                "parameter(s) "
-                "stepped by TGAdamW(default_to_adam=False) get no sum_grad_squared: "
-                + "; ".join(sorted(missing))
-                + ". Pick another backend, make these layers supported, or pass "
-                "default_to_adam=True to TGAdamW."
-            )
+        self._raise_for_missing(trainer, pl_module, coverage, None)
+        self._checked_first_step = False
         covered = sum(reason is None for reason in coverage.values())
         rank_zero_info(
             f"truegrad: backend {self.backend!r} covers {covered}/{len(coverage)} trainable "
             "parameters"
         )
+
+    def _raise_for_missing(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        coverage: dict[str, str | None],
+        missing: Callable[[torch.Tensor], bool] | None,
+    ) -> None:
+        """Raise if a parameter stepped by a strict TGAdamW (``default_to_adam=False``) gets no
+        statistic: ``missing(p)`` says so after a backward; before any (``missing=None``) only
+        a reason the backend already knows counts."""
+        name_of = {id(p): n for n, p in pl_module.named_parameters()}
+        strict: dict[int, torch.Tensor] = {}
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, TGAdamW):
+                for group in optimizer.param_groups:
+                    if not group["default_to_adam"]:
+                        strict.update((id(p), p) for p in group["params"] if p.requires_grad)
+        names = [
+            f"{name_of[i]} ({coverage.get(name_of[i]) or 'no statistic after backward'})"
+            for i, p in strict.items()
+            if i in name_of
+            and (coverage.get(name_of[i]) is not None if missing is None else missing(p))
+        ]
+        if names:
+            raise MisconfigurationException(
+                f"TrueGradCallback(backend={self.backend!r}): {len(names)} trainable "
+                "parameter(s) stepped by TGAdamW(default_to_adam=False) get no "
+                "sum_grad_squared: " + "; ".join(sorted(names))
+                + ". Pick another backend, make these layers supported, or pass "
+                "default_to_adam=True to TGAdamW."
+            )
 
     # ------------------------------------------------------------------ backward
     @override
@@ -327,6 +341,15 @@ class TrueGradCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         params = trainable_params(optimizer)
+        if not getattr(self, "_checked_first_step", True):
+            # The engine decides coverage per use, in the forward: after the first backward
+            # every parameter with a gradient and no statistic has its reason recorded.
+            self._checked_first_step = True
+            coverage = self._get_backend().coverage(pl_module)
+            self._raise_for_missing(
+                trainer, pl_module, coverage,
+                lambda p: p.grad is not None and not statistic.has(p),
+            )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         loss_scale = None
         if scaler is not None and scaler.is_enabled():

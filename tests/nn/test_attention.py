@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from truegrad import _bypass, nn, statistic, testing
+from truegrad import _bypass, nn, parameter, statistic, testing
 from truegrad.nn import functional as TF
 
 from harness import Problem, check, to_torch
@@ -31,11 +31,11 @@ def _mha(**kwargs: Any) -> nn.MultiheadAttention:
 
 
 class Attend(torch.nn.Module):
-    """Calls ``mha`` with masks laid out so that every input has its samples in the layer's
-    batch dim (what the oracle splits): ``key_padding_mask`` is ``(N, S)`` batch-first and
-    ``(S, N)`` otherwise; ``head_mask`` (a per-sample 3-D ``attn_mask``) is ``(N, H, L, S)``
-    batch-first and ``(H, N, L, S)`` otherwise. A 2-D ``attn_mask`` is a buffer. The returned
-    attention weights get their samples in that dim too."""
+    """A model around ``mha``: its inputs are batch-first (the model's samples are dim 0 of
+    its input, CONTRACT.md) and a seq-first layer gets them transposed, as a seq-first model
+    does inside. ``key_padding_mask`` is ``(N, S)``, ``head_mask`` (a per-sample 3-D
+    ``attn_mask``) is ``(N, H, L, S)``; a 2-D ``attn_mask`` is a buffer. Outputs are
+    batch-first too."""
 
     def __init__(
         self, mha: torch.nn.MultiheadAttention, attn_mask: torch.Tensor | None = None, **call: Any
@@ -56,25 +56,25 @@ class Attend(torch.nn.Module):
         batch_first = self.mha.batch_first
         key = query if key is None else key  # self-attention: query is key is value
         value = key if value is None else value
-        if key_padding_mask is not None and not batch_first:
-            key_padding_mask = key_padding_mask.transpose(0, 1)
+        if not batch_first:  # the layer is seq-first: transpose, keeping the "is" relations
+            t_query = query.transpose(0, 1)
+            t_key = t_query if key is query else key.transpose(0, 1)
+            t_value = t_key if value is key else value.transpose(0, 1)
+            query, key, value = t_query, t_key, t_value
         attn_mask = self.attn_mask
         if head_mask is not None:
-            per_sample = head_mask if batch_first else head_mask.transpose(0, 1)
-            attn_mask = per_sample.reshape(-1, *per_sample.shape[2:])
+            attn_mask = head_mask.reshape(-1, *head_mask.shape[2:])
         out, weights = self.mha(
             query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, **self.call
         )
-        if weights is not None and not batch_first:
-            weights = weights.transpose(0, 1)  # attn_weights are batch-first in both layouts
+        if not batch_first:
+            out = out.transpose(0, 1)  # attn_weights are batch-first in both layouts
         return out, weights
 
 
 class Block(torch.nn.Module):
-    """Pre-norm transformer block: truegrad attention and MLP, torch.nn LayerNorms.
-
-    truegrad's Linear takes dim 0 of its input as the sample dim, so a seq-first block runs
-    its MLP on batch-first views; the attention honours its own layout."""
+    """Pre-norm transformer block: truegrad attention and MLP, torch.nn LayerNorms. Its input
+    is batch-first; a seq-first block transposes it and runs everything seq-first inside."""
 
     def __init__(self, batch_first: bool, freeze_norms: bool = True) -> None:
         super().__init__()
@@ -86,16 +86,17 @@ class Block(torch.nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
         if not self.attn.batch_first:
             x = x.transpose(0, 1)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
         x = x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
         return x if self.attn.batch_first else x.transpose(0, 1)
 
 
 def _x(length: int = L, dim: int = E, batch_first: bool = True) -> torch.Tensor:
-    return torch.randn(N, length, dim) if batch_first else torch.randn(length, N, dim)
+    """A model input: batch-first whatever the layer's layout (``batch_first`` is ignored)."""
+    return torch.randn(N, length, dim)
 
 
 def _kpm(batch_first: bool = True, float_mask: bool = False, length: int = S) -> torch.Tensor:
@@ -104,7 +105,7 @@ def _kpm(batch_first: bool = True, float_mask: bool = False, length: int = S) ->
     mask[1, :2] = True  # every row keeps unmasked keys
     if float_mask:
         mask = torch.randn(N, length) - 3.0 * mask
-    return mask if batch_first else mask.transpose(0, 1)
+    return mask
 
 
 def _mask2d(length: int = L, float_mask: bool = False) -> torch.Tensor:
@@ -115,8 +116,7 @@ def _mask2d(length: int = L, float_mask: bool = False) -> torch.Tensor:
 def _head_mask(batch_first: bool = True, float_mask: bool = False, length: int = S) -> torch.Tensor:
     mask = torch.rand(N, H, L, length) < 0.3
     mask[..., 0] = False
-    mask = torch.randn(N, H, L, length) - 2.0 * mask if float_mask else mask
-    return mask if batch_first else mask.transpose(0, 1)
+    return torch.randn(N, H, L, length) - 2.0 * mask if float_mask else mask
 
 
 def _causal(float_mask: bool) -> torch.Tensor:
@@ -136,9 +136,9 @@ def _per_head_weights_in_loss(out: tuple[torch.Tensor, torch.Tensor | None]) -> 
 
 def problem(id: str, module_fn: Any, input_fn: Any, batch_first: bool = True, **kw: Any) -> Problem:
     """A Problem on an :class:`Attend`-style model: the loss sees ``attn_output`` unless
-    ``output_fn`` says otherwise; samples are dim 0 (batch-first) or dim 1 (seq-first)."""
+    ``output_fn`` says otherwise; the model's samples are dim 0 of its inputs."""
     output_fn = kw.pop("output_fn", lambda out: out[0])
-    return Problem(id, module_fn, input_fn, output_fn, batch_dim=0 if batch_first else 1, **kw)
+    return Problem(id, module_fn, input_fn, output_fn, **kw)
 
 
 def _bf(mask_fn: Any = None, call: dict | None = None, **kw: Any) -> Any:
@@ -286,21 +286,26 @@ def test_dropout_grads_match_torch_with_the_same_seed(need_weights: bool) -> Non
         assert torch.equal(g, twin_grads[name]), name
 
 
-def test_seq_first_statistic_uses_dim_1_as_the_sample_dim() -> None:
+def test_seq_first_layer_splits_by_the_models_samples_not_by_its_dim_0() -> None:
+    """A seq-first layer in a model whose input is batch-first: the statistic is that of the
+    model's samples (dim 1 inside the layer), not of the layer's dim 0 (its positions)."""
     model = Attend(_mha(), need_weights=False)
-    x = _x(batch_first=False)
+    x = _x()
     loss_fn = lambda out, _: out[0].square().sum()  # noqa: E731
-    testing.assert_matches_oracle(model, loss_fn, x, batch_dim=1, rtol=1e-4)
+    testing.assert_matches_oracle(model, loss_fn, x, rtol=1e-4)
     ours = model.mha.in_proj_weight.sum_grad_squared
-    # what treating dim 0 (the target positions) as the samples would give
-    wrong = testing.sum_grad_squared_oracle(to_torch(model), loss_fn, x, batch_dim=0)
+    # what treating the layer's dim 0 (the target positions) as the samples would give
+    wrong = testing.sum_grad_squared_oracle(to_torch(model), loss_fn, x, batch_dim=1)
     difference = ours - wrong.sum_grad_squared["mha.in_proj_weight"]
     assert difference.abs().max() > 1e-2 * ours.abs().max()
 
 
 @pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["bf", "seq"])
-def test_unbatched_input_is_one_sample(batch_first: bool, self_attention: bool) -> None:
+def test_unbatched_input_gives_no_statistic(batch_first: bool, self_attention: bool) -> None:
+    """An unbatched (L, E) model input: the model's samples (its dim 0) are the positions,
+    which attend to each other, so the statistic is absent with the reason; output and
+    gradients are torch's."""
     mha = _mha(add_bias_kv=True, batch_first=batch_first)
     twin = to_torch(mha)
     q = torch.randn(L, E)
@@ -315,12 +320,13 @@ def test_unbatched_input_is_one_sample(batch_first: bool, self_attention: bool) 
     ref.square().sum().backward()
     for p, t in zip(mha.parameters(), twin.parameters()):
         assert torch.equal(p.grad, t.grad)
-        torch.testing.assert_close(p.sum_grad_squared, p.grad**2, rtol=1e-5, atol=1e-10)
+        assert not statistic.has(p) and "batched (L, N, E)" in parameter.reason(p)
 
 
 class FunctionalAttention(torch.nn.Module):
     """A custom module calling ``truegrad.nn.functional.multi_head_attention_forward`` with
-    separate projection weights, seq-first, with static keys and values."""
+    separate projection weights, seq-first inside (its inputs are batch-first), with static
+    keys and values."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -332,22 +338,23 @@ class FunctionalAttention(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 static_v: torch.Tensor | None = None) -> torch.Tensor:
-        if static_v is not None:  # (H, N, S, E / H) with samples in dim 1
-            static_v = static_v.transpose(0, 1).reshape(-1, *static_v.shape[2:])
+        if static_v is not None:  # (N, H, S, E / H) -> (N * H, S, E / H)
+            static_v = static_v.reshape(-1, *static_v.shape[2:])
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         return TF.multi_head_attention_forward(
             query, key, value, E, H, None, self.b, None, None, False, 0.0, self.out, None,
             use_separate_proj_weight=True, q_proj_weight=self.q, k_proj_weight=self.k,
             v_proj_weight=self.v, static_v=static_v, need_weights=False,
-        )[0]
+        )[0].transpose(0, 1)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["projected", "static-v"])
 def test_functional_matches_torch_and_oracle(static: bool) -> None:
     torch.manual_seed(0)
     model = FunctionalAttention().double()
-    inputs = [_x(batch_first=False), _x(S, 6, False), _x(S, 5, False)]
+    inputs = [_x(), _x(S, 6), _x(S, 5)]
     if static:
-        inputs.append(torch.randn(H, N, S, E // H))
+        inputs.append(torch.randn(N, H, S, E // H))
     inputs = tuple(t.double() for t in inputs)
     out = model(*inputs)
     with _bypass.bypass():  # torch's own multi_head_attention_forward
@@ -362,7 +369,7 @@ def test_functional_matches_torch_and_oracle(static: bool) -> None:
     assert (model.v.grad is None) == static  # as torch: a discarded projection gets no grad
     covered = ["q", "k", "b", "out"] if static else None  # as torch: v gets no gradient
     testing.assert_matches_oracle(
-        model, lambda o, _: o.square().sum(), inputs, batch_dim=1, rtol=1e-9, params=covered
+        model, lambda o, _: o.square().sum(), inputs, rtol=1e-9, params=covered
     )
 
 
@@ -433,7 +440,7 @@ def test_block_with_trainable_torch_layer_norms_covers_the_truegrad_layers() -> 
     x = _x(batch_first=False)
     covered = [n for n, _ in model.named_parameters() if not n.startswith("norm")]
     loss_fn = lambda o, _: o.square().mean()  # noqa: E731
-    testing.assert_matches_oracle(model, loss_fn, x, params=covered, batch_dim=1)
+    testing.assert_matches_oracle(model, loss_fn, x, params=covered)
     assert not statistic.has(model.norm1.weight) and not statistic.has(model.norm2.bias)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from truegrad import nn, statistic, testing
+from truegrad import parameter, nn, statistic, testing
 from truegrad.nn import functional as TF
 
 from harness import Problem, check, to_torch
@@ -77,10 +77,17 @@ def test_grads_are_torchs_bitwise(lead: tuple[int, ...], dtype: torch.dtype) -> 
         assert torch.equal(ours, theirs)
 
 
-def test_one_dimensional_inputs_are_one_sample() -> None:
+def test_unbatched_inputs_give_no_statistic() -> None:
+    """Called with 1-D inputs, the model's samples (dim 0 of its input) are the layer's
+    features: the statistic is absent with a reason; a batch of one sample is exact."""
     layer = nn.Bilinear(5, 4, 3)
     x1, x2 = torch.randn(5), torch.randn(4)
     layer(x1, x2).square().sum().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and not statistic.has(p)
+        assert "samples" in parameter.reason(p)
+    layer.zero_grad()
+    layer(x1[None], x2[None]).square().sum().backward()
     for p in layer.parameters():
         torch.testing.assert_close(p.sum_grad_squared, p.grad**2, rtol=1e-5, atol=1e-10)
 

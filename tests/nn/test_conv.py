@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from truegrad import nn, statistic, testing
+from truegrad import parameter, nn, statistic, testing
 from truegrad.nn import settings
 from truegrad.nn import functional as TF
 
@@ -150,7 +150,7 @@ def _bitwise_case(cls: type, args: tuple, kwargs: dict, shape: tuple, autocast: 
     torch's (the per-sample sum is only used in the parameter dtype)."""
     torch.manual_seed(0)
     layer = cls(*args, **kwargs)
-    twin = cls.__mro__[1](*args, **kwargs)
+    twin = nn.REGISTRY.lookup(cls).torch_type(*args, **kwargs)
     twin.load_state_dict(layer.state_dict())
     x = torch.randn(shape)
     results = []
@@ -299,7 +299,9 @@ def test_layer_called_twice_is_exact() -> None:
     testing.assert_matches_oracle(Twice(), lambda o, _: o.square().mean(), torch.randn(4, 3, 5, 5))
 
 
-def test_unbatched_input_is_one_sample() -> None:
+def test_unbatched_input_gives_no_statistic() -> None:
+    """An unbatched (C, H, W) model input: the model's samples (its dim 0) are the conv's
+    channels, so the statistic is absent with the reason; (1, C, H, W) is one exact sample."""
     layer = nn.Conv2d(3, 4, 3, stride=2)
     ref = torch.nn.Conv2d(3, 4, 3, stride=2)
     ref.load_state_dict(layer.state_dict())
@@ -307,6 +309,11 @@ def test_unbatched_input_is_one_sample() -> None:
     out = layer(x)
     assert torch.equal(out, ref(x))
     out.square().sum().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and not statistic.has(p)
+        assert "unbatched" in parameter.reason(p)
+    layer.zero_grad()
+    layer(x[None]).square().sum().backward()
     for p in layer.parameters():
         torch.testing.assert_close(p.sum_grad_squared, p.grad**2, rtol=1e-5, atol=1e-8)
 

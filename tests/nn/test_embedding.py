@@ -6,6 +6,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import warnings
+
 import pytest
 import torch
 
@@ -96,6 +98,30 @@ class TiedBag(torch.nn.Module):
         return TF.linear(torch.tanh(self.bag(x)), self.bag.weight)
 
 
+class OffsetsFirst(torch.nn.Module):
+    """A model over a ragged batch: bags given as flat ids and offsets. The model's samples are
+    dim 0 of its first input (CONTRACT.md), so the offsets (one per bag) come first."""
+
+    def __init__(self, bag: torch.nn.Module) -> None:
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, offsets: torch.Tensor, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return self.bag(x, offsets, *rest)
+
+
+class ScaledBags(torch.nn.Module):
+    """Bags with ``include_last_offset`` (offsets has one entry more than there are bags), each
+    bag's output scaled by a per-bag input that comes first: the samples are the bags."""
+
+    def __init__(self, bag: torch.nn.Module) -> None:
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, scale: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.bag(x, offsets) * scale[:, None]
+
+
 OFFSETS = lambda: torch.tensor([0, 3, 3, 7, 8])  # noqa: E731  (5 bags over 11 ids, one empty)
 LAST_OFFSETS = lambda: torch.tensor([0, 4, 4, 9, 11])  # noqa: E731  (include_last_offset)
 MODES = ("sum", "mean", "max")
@@ -134,21 +160,24 @@ PROBLEMS = [
     Problem("bag-functional", lambda: FunctionalEmbeddingBag(V, D, mode="max"), lambda: ids(5, 4)),
     Problem("tied-bag-sum", TiedBag, lambda: ids(5, 4)),
     Problem("tied-bag-max", lambda: TiedBag("max"), lambda: ids(5, 4)),
-    *(Problem(f"bag-{mode}-1d-offsets", lambda mode=mode: nn.EmbeddingBag(V, D, mode=mode),
-              lambda: (ids(11), OFFSETS()), layer_oracle=masked_vjp_oracle)
+    *(Problem(f"bag-{mode}-1d-offsets",
+              lambda mode=mode: OffsetsFirst(nn.EmbeddingBag(V, D, mode=mode)),
+              lambda: (OFFSETS(), ids(11)), layer_oracle=masked_vjp_oracle)
       for mode in MODES),
     *(Problem(f"bag-{mode}-1d-last-offset-padding",
-              lambda mode=mode: nn.EmbeddingBag(
-                  V, D, mode=mode, include_last_offset=True, padding_idx=2),
-              lambda: (ids(11), LAST_OFFSETS()), layer_oracle=masked_vjp_oracle)
+              lambda mode=mode: ScaledBags(nn.EmbeddingBag(
+                  V, D, mode=mode, include_last_offset=True, padding_idx=2)),
+              lambda: (torch.rand(4) + 0.5, ids(11), LAST_OFFSETS()),
+              layer_oracle=masked_vjp_oracle)
       for mode in MODES),
-    Problem("bag-sum-1d-psw-padding", lambda: nn.EmbeddingBag(V, D, mode="sum", padding_idx=0),
-            lambda: (ids(11), OFFSETS(), torch.randn(11)), layer_oracle=masked_vjp_oracle),
-    Problem("bag-functional-1d-psw", lambda: FunctionalEmbeddingBag(V, D, mode="sum"),
-            lambda: (ids(11), OFFSETS(), torch.randn(11)), layer_oracle=masked_vjp_oracle),
+    Problem("bag-sum-1d-psw-padding",
+            lambda: OffsetsFirst(nn.EmbeddingBag(V, D, mode="sum", padding_idx=0)),
+            lambda: (OFFSETS(), ids(11), torch.randn(11)), layer_oracle=masked_vjp_oracle),
+    Problem("bag-functional-1d-psw", lambda: OffsetsFirst(FunctionalEmbeddingBag(V, D, mode="sum")),
+            lambda: (OFFSETS(), ids(11), torch.randn(11)), layer_oracle=masked_vjp_oracle),
     *(Problem(f"bag-{mode}-freq",
-              lambda mode=mode: nn.EmbeddingBag(V, D, mode=mode, scale_grad_by_freq=True),
-              lambda: (ids(11), OFFSETS()), layer_oracle=masked_vjp_oracle)
+              lambda mode=mode: OffsetsFirst(nn.EmbeddingBag(V, D, mode=mode, scale_grad_by_freq=True)),
+              lambda: (OFFSETS(), ids(11)), layer_oracle=masked_vjp_oracle)
       for mode in ("sum", "mean")),
     Problem("bag-mean-max-norm", lambda: nn.EmbeddingBag(V, D, max_norm=1.0), lambda: ids(5, 4),
             layer_oracle=masked_vjp_oracle),
@@ -244,11 +273,11 @@ def test_bag_scale_grad_by_freq_uses_torchs_own_per_row_factor() -> None:
     bag = nn.EmbeddingBag(V, D, mode="sum", scale_grad_by_freq=True)
     x = torch.tensor([1, 2, 2, 4, 0, 4, 4, 6, 1, 3])
     offsets = torch.tensor([0, 3, 3, 6])
-    bag(x, offsets).sum().backward()
-    ref = torch.nn.EmbeddingBag(V, D, mode="sum", scale_grad_by_freq=True)
-    ref.load_state_dict(bag.state_dict())
-    expected = masked_vjp_oracle(ref, (x, offsets), lambda o, _: o.sum())
-    torch.testing.assert_close(bag.weight.sum_grad_squared, expected["weight"])
+    model = OffsetsFirst(bag)
+    model(offsets, x).sum().backward()
+    ref = testing.plain_copy(model)
+    expected = masked_vjp_oracle(ref, (offsets, x), lambda o, _: o.sum())
+    torch.testing.assert_close(bag.weight.sum_grad_squared, expected["bag.weight"])
 
 
 def test_accumulates_over_two_backward_passes() -> None:
@@ -423,11 +452,11 @@ def test_frozen_and_no_grad() -> None:
         assert nn.Embedding(V, D)(ids(2, 3)).shape == (2, 3, D)
 
 
-def test_unbatched_position_embedding_broadcast_over_the_batch_is_named() -> None:
-    """wpe(arange(T)) added to (N, T, D): no layer-local rule can split its gradient per
-    sample, so the statistic is per position and a warning names the parameter."""
-    from truegrad import _names
-    from truegrad.nn.rules.base import BatchSizeWarning
+@pytest.mark.parametrize("positions", ["1d", "1xT", "NxT"])
+def test_position_embedding_without_a_batch_dim_is_exact(positions: str) -> None:
+    """Finding 3 of the real-model review: wpe(arange(T)) or wpe(arange(T)[None]) added to
+    (N, T, D) got the whole batch as one sample under nn/patch_torch. The engine follows the
+    positions' rows to where they meet the batch, so the statistic is the model's."""
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
@@ -437,17 +466,15 @@ def test_unbatched_position_embedding_broadcast_over_the_batch_is_named() -> Non
             self.head = nn.Linear(4, 2)
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.wte(ids) + self.wpe(torch.arange(ids.shape[1])))
+            pos = torch.arange(ids.shape[1])
+            pos = {"1d": pos, "1xT": pos[None], "NxT": pos.expand(ids.shape[0], -1)}[positions]
+            return self.head(self.wte(ids) + self.wpe(pos))
 
     model = Model()
-    _names.remember(model)
     ids = torch.randint(0, 10, (3, 5))
-    with pytest.warns(BatchSizeWarning, match=r"'wpe.weight' \(shape \(5, 4\)\) has 5 sample\(s\)"):
-        model(ids).square().mean().backward()
-    # batched positions make it exact
-    class Batched(Model):
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
-            return self.head(self.wte(ids) + self.wpe(positions))
-
-    testing.assert_matches_oracle(Batched(), lambda o, _: o.square().mean(), ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.assert_matches_oracle(model, lambda o, _: o.square().mean(), ids)
+    # what the per-op statistic gave before (positions as samples) differs from the model's
+    per_position = (model.wpe.weight.grad ** 2)
+    assert not torch.allclose(model.wpe.weight.sum_grad_squared, per_position, rtol=1e-3)

@@ -589,12 +589,12 @@ def test_exact_statistic_differs_from_the_per_position_one() -> None:
 @pytest.mark.parametrize(
     "make, x",
     [
-        (lambda: _affine(nn.LayerNorm(5)), torch.randn(5)),
-        (lambda: _affine(nn.RMSNorm((2, 5))), torch.randn(2, 5)),
-        (lambda: _bn(nn.InstanceNorm1d, 3, **TRACKED)(), torch.randn(3, 6)),
+        (lambda: _affine(nn.LayerNorm(5)), torch.randn(1, 5)),
+        (lambda: _affine(nn.RMSNorm((2, 5))), torch.randn(1, 2, 5)),
+        (lambda: _bn(nn.InstanceNorm1d, 3, **TRACKED)(), torch.randn(1, 3, 6)),
         (lambda: _affine(nn.GroupNorm(2, 4)), torch.randn(1, 4, 3)),
     ],
-    ids=["ln-unbatched", "rms-unbatched", "in-unbatched", "gn-one-sample"],
+    ids=["ln-one-sample", "rms-one-sample", "in-one-sample", "gn-one-sample"],
 )
 def test_single_sample_statistic_is_the_squared_gradient(
     make: Callable[[], torch.nn.Module], x: torch.Tensor

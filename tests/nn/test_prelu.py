@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from truegrad import nn, statistic, testing
+from truegrad import parameter, nn, statistic, testing
 from truegrad.nn import functional as TF
 
 from harness import Problem, check, to_torch
@@ -75,11 +75,16 @@ def test_grads_are_torchs_bitwise(shape: tuple[int, ...], channels: int, autocas
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
-def test_zero_dim_input_is_one_sample() -> None:
+def test_zero_dim_input_has_no_samples_and_no_statistic() -> None:
+    """A model's samples are dim 0 of its input (CONTRACT.md); a 0-d input has none, so the
+    statistic is absent with the reason recorded, never some other number."""
     layer = nn.PReLU()
     layer(torch.tensor(-1.5)).square().backward()
+    assert layer.weight.grad is not None and not statistic.has(layer.weight)
+    assert "no op on the way sees the samples" in parameter.reason(layer.weight)
+    layer.zero_grad()
+    layer(torch.tensor([-1.5])).square().sum().backward()  # a batch of one sample is exact
     torch.testing.assert_close(layer.weight.sum_grad_squared, layer.weight.grad**2)
-    assert layer.weight.sum_grad_squared.shape == (1,)
 
 
 def test_per_sample_gradient_sums_positions_before_squaring() -> None:

@@ -1,7 +1,8 @@
 """In-place conversion of an existing model's modules to their ``truegrad.nn`` classes.
 
 Each supported module gets ``module.__class__`` swapped for its ``truegrad.nn``
-counterpart: no Parameter object is created, so parameter ids, optimizer and DDP
+counterpart, and every trainable parameter of the model becomes tracked by the engine
+(:func:`truegrad.parameter.track`, a class swap too): no Parameter object is created, so parameter ids, optimizer and DDP
 references, ``state_dict`` keys and outputs are unchanged. Lookup follows the MRO:
 
 * a module whose type is exactly a registered ``torch.nn`` type becomes the
@@ -69,6 +70,8 @@ def convert_modules(model: torch.nn.Module, registry: Registry = REGISTRY) -> Ha
     Returns:
         A handle whose ``undo()`` restores the original classes of the modules it changed.
     """
+    from truegrad import parameter  # the engine imports truegrad.nn
+
     handle = Handle(f"truegrad.nn conversion of {type(model).__qualname__}")
     _names.remember(model)
     changed: list[tuple[torch.nn.Module, type]] = []
@@ -77,10 +80,12 @@ def convert_modules(model: torch.nn.Module, registry: Registry = REGISTRY) -> Ha
         if target is not None:
             changed.append((module, type(module)))
             module.__class__ = target
+    tracked = parameter.track(model.parameters())
 
     def restore() -> None:
         for module, original in reversed(changed):
             module.__class__ = original
+        parameter.untrack(tracked)
         # hooks and use records the rules attached to the parameters
         base.forget([p for module, _ in changed for p in module.parameters(recurse=False)])
 

@@ -1,9 +1,9 @@
 """``backend="nn"``: the model's modules are (or are converted to) ``truegrad.nn`` modules.
 
 Models built from ``truegrad.nn`` need nothing; an existing ``torch.nn`` model is
-converted in place (:mod:`truegrad.backends.convert`). Nothing global is patched:
-custom modules that call ``torch.nn.functional`` directly stay uncovered (use
-``patch_torch`` for them, or ``truegrad.nn.functional`` in their code).
+converted in place (:mod:`truegrad.backends.convert`) and every trainable parameter becomes
+tracked by the engine, so custom modules (``x @ self.weight``, ``x * self.scale``) are
+covered too, exactly as by ``patch_model``. Nothing global is patched.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.backends.convert import convert_modules
-from truegrad.backends.patch_torch import module_coverage
+from truegrad.backends.patch_model import engine_coverage
 
 __all__ = ["NNBackend"]
 
@@ -25,4 +25,4 @@ class NNBackend(Backend):
         return mark_prepared(model, self.name, convert_modules(model))
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
-        return module_coverage(model)
+        return engine_coverage(model)

@@ -28,7 +28,8 @@ import torch.nn.functional
 
 from truegrad._originals import ORIGINALS as _ORIGINALS
 from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
-from truegrad.backends.convert import conversion_target, convert_modules
+from truegrad.backends.convert import convert_modules
+from truegrad.backends.patch_model import engine_coverage
 
 __all__ = ["PatchTorchBackend", "is_patched", "patch_torch", "patched_names", "unpatch_torch"]
 
@@ -116,35 +117,4 @@ class PatchTorchBackend(Backend):
         return mark_prepared(model, self.name, handle)
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:
-        return module_coverage(
-            model,
-            suffix="; covered only if its forward calls torch functionals that patch_torch "
-            "replaces (truegrad.diagnose checks)",
-        )
-
-
-def module_coverage(model: torch.nn.Module, suffix: str = "") -> dict[str, str | None]:
-    """Coverage by owning module: a parameter is covered when some module that owns it
-    directly is (or converts to) a truegrad.nn module; otherwise the reason."""
-    result: dict[str, str | None] = {}
-    owners: dict[int, list[tuple[str, torch.nn.Module, str]]] = {}
-    for module_name, module in model.named_modules():
-        for local, param in module.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append((module_name, module, local))
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        reasons = []
-        for module_name, module, local in owners.get(id(param), []):
-            rule, _, reason = conversion_target(module)
-            if rule is not None and reason is None and local in rule.parameters:
-                reasons = []
-                break
-            where = module_name or "<root>"
-            reasons.append(
-                f"module {where!r} ({type(module).__name__}): "
-                + (reason or f"its rule does not cover parameter {local!r}")
-                + suffix
-            )
-        result[name] = "; ".join(reasons) if reasons else None
-    return result
+        return engine_coverage(model)

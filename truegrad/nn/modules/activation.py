@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from truegrad.nn import settings
-from truegrad.nn.rules import attention as _attention
 from truegrad.nn.rules import base
-from truegrad.nn.rules.prelu import prelu
+from truegrad.nn.functional import multi_head_attention_forward, prelu
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["MultiheadAttention", "PReLU"]
 
 
-class PReLU(torch.nn.PReLU):
+class PReLU(Tracked, torch.nn.PReLU):
     """``torch.nn.PReLU`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared``.
 
@@ -32,7 +32,7 @@ class PReLU(torch.nn.PReLU):
         return prelu(input, self.weight, granularity=self.granularity)
 
 
-class MultiheadAttention(torch.nn.MultiheadAttention):
+class MultiheadAttention(Tracked, torch.nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``sum_grad_squared`` of ``in_proj_weight`` (or ``q_proj_weight``,
     ``k_proj_weight``, ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim``),
@@ -108,7 +108,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             else:
                 query, key, value = (x.transpose(1, 0) for x in (query, key, value))
         separate = not self._qkv_same_embed_dim
-        attn_output, attn_output_weights = _attention.multi_head_attention_forward(
+        attn_output, attn_output_weights = multi_head_attention_forward(
             query,
             key,
             value,

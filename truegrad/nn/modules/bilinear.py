@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from truegrad.nn import settings
-from truegrad.nn.rules.bilinear import bilinear
+from truegrad.nn.functional import bilinear
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["Bilinear"]
 
 
-class Bilinear(torch.nn.Bilinear):
+class Bilinear(Tracked, torch.nn.Bilinear):
     """``torch.nn.Bilinear`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 

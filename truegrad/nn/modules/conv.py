@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from truegrad.nn import settings
-from truegrad.nn.rules import conv as rules
+from truegrad.nn import functional as rules
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
@@ -57,7 +58,7 @@ def _conv_transpose_forward(
     )
 
 
-class Conv1d(torch.nn.Conv1d):
+class Conv1d(Tracked, torch.nn.Conv1d):
     """``torch.nn.Conv1d`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 
@@ -72,7 +73,7 @@ class Conv1d(torch.nn.Conv1d):
         return _conv_forward(self, input, rules.conv1d)
 
 
-class Conv2d(torch.nn.Conv2d):
+class Conv2d(Tracked, torch.nn.Conv2d):
     """``torch.nn.Conv2d`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 
@@ -87,7 +88,7 @@ class Conv2d(torch.nn.Conv2d):
         return _conv_forward(self, input, rules.conv2d)
 
 
-class Conv3d(torch.nn.Conv3d):
+class Conv3d(Tracked, torch.nn.Conv3d):
     """``torch.nn.Conv3d`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 
@@ -102,7 +103,7 @@ class Conv3d(torch.nn.Conv3d):
         return _conv_forward(self, input, rules.conv3d)
 
 
-class ConvTranspose1d(torch.nn.ConvTranspose1d):
+class ConvTranspose1d(Tracked, torch.nn.ConvTranspose1d):
     """``torch.nn.ConvTranspose1d`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 
@@ -117,7 +118,7 @@ class ConvTranspose1d(torch.nn.ConvTranspose1d):
         return _conv_transpose_forward(self, input, output_size, rules.conv_transpose1d)
 
 
-class ConvTranspose2d(torch.nn.ConvTranspose2d):
+class ConvTranspose2d(Tracked, torch.nn.ConvTranspose2d):
     """``torch.nn.ConvTranspose2d`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 
@@ -132,7 +133,7 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d):
         return _conv_transpose_forward(self, input, output_size, rules.conv_transpose2d)
 
 
-class ConvTranspose3d(torch.nn.ConvTranspose3d):
+class ConvTranspose3d(Tracked, torch.nn.ConvTranspose3d):
     """``torch.nn.ConvTranspose3d`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from truegrad.nn import settings
-from truegrad.nn.rules.embedding import SPARSE_UNSUPPORTED, embedding, embedding_bag
+from truegrad.nn.functional import embedding, embedding_bag
+from truegrad.nn.rules.embedding import SPARSE_UNSUPPORTED
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
 
-class Embedding(torch.nn.Embedding):
+class Embedding(Tracked, torch.nn.Embedding):
     """``torch.nn.Embedding`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``weight.sum_grad_squared``.
 
@@ -41,7 +43,7 @@ class Embedding(torch.nn.Embedding):
         )
 
 
-class EmbeddingBag(torch.nn.EmbeddingBag):
+class EmbeddingBag(Tracked, torch.nn.EmbeddingBag):
     """``torch.nn.EmbeddingBag`` (same constructor, parameters and ``state_dict``) whose
     backward also writes ``weight.sum_grad_squared``; each bag (row of the output) is one
     sample. ``sparse=True`` is not supported.

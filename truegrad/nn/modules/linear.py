@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from truegrad.nn import settings
-from truegrad.nn.rules.linear import linear
+from truegrad.nn.functional import linear
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["Linear"]
 
 
-class Linear(torch.nn.Linear):
+class Linear(Tracked, torch.nn.Linear):
     """``torch.nn.Linear`` (same constructor, parameters and ``state_dict``) whose backward
     also writes ``weight.sum_grad_squared`` and ``bias.sum_grad_squared``.
 

@@ -14,8 +14,8 @@ import warnings
 import torch
 
 from truegrad.nn import settings
-from truegrad.nn.rules.batchnorm import batch_norm, instance_norm
-from truegrad.nn.rules.normalization import group_norm, layer_norm, rms_norm
+from truegrad.nn.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(Tracked, torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` whose backward also writes ``weight.sum_grad_squared`` and
     ``bias.sum_grad_squared``: ``g_n(w) = sum_t dy[n,t] * x_hat[n,t]``, ``g_n(b) = sum_t dy[n,t]``
     over the positions t of sample n (dim 0).
@@ -74,7 +74,7 @@ def _missing_leading_singletons(input: torch.Tensor, shape: list[int]) -> int:
     return 0
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(Tracked, torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` whose backward also writes ``weight.sum_grad_squared``:
     ``g_n(w) = sum_t dy[n,t] * x[n,t] * rstd[n,t]`` over the positions t of sample n.
 
@@ -89,7 +89,7 @@ class RMSNorm(torch.nn.RMSNorm):
         return rms_norm(x, shape, self.weight, self.eps, granularity=self.granularity)
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(Tracked, torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` whose backward also writes the statistic of weight and bias:
     ``g_n(w)[c] = sum_s dy[n,c,s] * x_hat[n,c,s]``, ``g_n(b)[c] = sum_s dy[n,c,s]``.
 
@@ -141,7 +141,7 @@ class _BatchNormForward(torch.nn.modules.batchnorm._BatchNorm):
         )
 
 
-class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+class BatchNorm1d(Tracked, _BatchNormForward, torch.nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``) whose backward also writes
     the statistic of weight and bias.
 
@@ -156,11 +156,11 @@ class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
     """
 
 
-class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+class BatchNorm2d(Tracked, _BatchNormForward, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``); see :class:`BatchNorm1d`."""
 
 
-class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+class BatchNorm3d(Tracked, _BatchNormForward, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``); see :class:`BatchNorm1d`."""
 
 
@@ -203,7 +203,7 @@ class _InstanceNormForward(torch.nn.modules.instancenorm._InstanceNorm):
         )
 
 
-class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
+class InstanceNorm1d(Tracked, _InstanceNormForward, torch.nn.InstanceNorm1d):
     """``torch.nn.InstanceNorm1d`` (input ``(N, C, L)`` or ``(C, L)``) whose backward also
     writes the statistic of weight and bias (``affine=True``).
 
@@ -215,11 +215,11 @@ class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
     """
 
 
-class InstanceNorm2d(_InstanceNormForward, torch.nn.InstanceNorm2d):
+class InstanceNorm2d(Tracked, _InstanceNormForward, torch.nn.InstanceNorm2d):
     """``torch.nn.InstanceNorm2d`` (input ``(N, C, H, W)``); see :class:`InstanceNorm1d`."""
 
 
-class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
+class InstanceNorm3d(Tracked, _InstanceNormForward, torch.nn.InstanceNorm3d):
     """``torch.nn.InstanceNorm3d`` (input ``(N, C, D, H, W)``); see :class:`InstanceNorm1d`."""
 
 

@@ -37,10 +37,10 @@ import torch
 
 from truegrad import _bypass, _names, statistic
 from truegrad._weakid import WeakIdMap
+from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 
 __all__ = [
-    "BatchSizeWarning",
     "apply",
     "cast",
     "contribute",
@@ -50,6 +50,7 @@ __all__ = [
     "in_functorch",
     "record_use",
     "release_scratch",
+    "sample_major",
     "scratch",
     "should_track",
     "stat_dtype",
@@ -246,42 +247,17 @@ def forget(params: list[torch.Tensor]) -> None:
             state.hook.remove()
 
 
-class BatchSizeWarning(RuntimeWarning):
-    """An op saw a different number of samples than the other ops of the same backward."""
+def sample_major(layout: Layout | None, keep: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with the model's samples on dim 0: each as ``(N, P, *last keep dims)``.
 
-
-_LAST_BATCH: list[int] = [-1, 0]  # [graph task id, N of the first rule in that backward]
-_WARNED_BATCH: WeakIdMap[bool] = WeakIdMap()
-
-
-def _check_batch_size(param: torch.Tensor, n_samples: int) -> None:
-    """Warn (once per parameter) when this op's dim 0 disagrees with the backward's batch.
-
-    An op whose input has no batch dimension and whose output is broadcast over the
-    batch afterwards (position embeddings indexed by ``arange(T)``, a parameter added
-    to every sample) only ever sees the gradient already summed over the samples; no
-    layer-local rule can split it per sample. Its statistic then treats dim 0 of the
-    op's input as the samples (CONTRACT.md's definition), which is not the model's
-    per-sample statistic: say so, naming the parameter, instead of being silently wrong.
+    ``layout`` says where the samples are (the engine's
+    :class:`~truegrad.engine.samples.Layout`, any leading dim, possibly flattened); ``None``
+    or plain dim 0 returns the tensors unchanged (a rule then takes dim 0 of its input as the
+    samples, as it always has). Rules call this at the start of their statistic.
     """
-    task = torch._C._current_graph_task_id()
-    if task < 0:
-        return
-    if _LAST_BATCH[0] != task:
-        _LAST_BATCH[0], _LAST_BATCH[1] = task, n_samples
-        return
-    if _LAST_BATCH[1] != n_samples and param not in _WARNED_BATCH:
-        _WARNED_BATCH[param] = True
-        warnings.warn(
-            f"truegrad: the op using {_names.describe(param)} has {n_samples} sample(s) along "
-            f"dim 0 of its input, but other ops in this backward have {_LAST_BATCH[1]}. If its "
-            "input is not batched and its output is broadcast over the batch (e.g. position "
-            "embeddings of arange(T)), its sum_grad_squared counts dim 0 of that input as the "
-            "samples, which differs from the model's per-sample statistic; feed it a batched "
-            "input (e.g. expand the positions to (N, T)) to make it exact.",
-            BatchSizeWarning,
-            stacklevel=3,
-        )
+    if layout is None or (layout.dim == 0 and layout.plain):
+        return tensors
+    return tuple(layout.group(t, keep) for t in tensors)
 
 
 def contribute(
@@ -294,6 +270,7 @@ def contribute(
     per_sample_owned: bool = False,
     with_grad: bool = False,
     squared_takes_out: bool = False,
+    sample_numel: int = 0,
 ) -> torch.Tensor | None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
@@ -312,6 +289,8 @@ def contribute(
         squared_takes_out: ``squared`` is called as ``squared(out)`` with ``out`` the
             storage to write the result into (``None``: allocate), so that a CPU
             statistic reuses the buffer of the last one (``statistic.reusable_buffer``).
+        sample_numel: elements ``per_sample`` forms per sample on the way (when more than
+            the parameter's: the gradient of a tensor computed from it), for the chunk bound.
 
     Returns:
         With ``with_grad``, when the per-sample gradients of all N samples were formed
@@ -320,8 +299,6 @@ def contribute(
     """
     if param is None or in_functorch():
         return None
-    if getattr(ctx, "granularity", "sample") == "sample":
-        _check_batch_size(param, n_samples)
     state = _STATE.get(param)
     if not _accumulates(param, state):
         if state is not None:
@@ -362,7 +339,7 @@ def contribute(
         else:
             statistic.add(param, squared(), owned=True)
         return None
-    per_sample_bytes = max(1, param.numel() * 4 * (1 if per_sample_owned else 2))
+    per_sample_bytes = max(1, max(param.numel(), sample_numel) * 4 * (1 if per_sample_owned else 2))
     chunk = max(1, settings.chunk_bytes // per_sample_bytes)
     total: torch.Tensor | None = None
     grad: torch.Tensor | None = None

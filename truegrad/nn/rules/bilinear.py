@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from truegrad._originals import F  # torch's own ops, also under patch_torch
+from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -46,12 +47,14 @@ class BilinearFunction(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         granularity: str,
+        samples: Layout | None,
     ) -> torch.Tensor:
         return F.bilinear(input1, input2, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input1, input2, weight, bias, granularity = inputs
+        input1, input2, weight, bias, granularity, samples = inputs
+        ctx.samples = samples
         ctx.save_for_backward(input1, input2, weight)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -85,7 +88,7 @@ class BilinearFunction(torch.autograd.Function):
             grad_bias = grad_output.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
         if ctx.weight_param is not None or ctx.bias_param is not None:
             _statistic(ctx, input1, input2, grad_output, weight.dtype)
-        return grad_input1, grad_input2, grad_weight, grad_bias, None
+        return grad_input1, grad_input2, grad_weight, grad_bias, None, None
 
 
 def _statistic(
@@ -98,6 +101,8 @@ def _statistic(
     sdt = torch.float64 if param_dtype == torch.float64 else torch.float32
     out_features = grad_output.shape[-1]
     in1, in2 = input1.shape[-1], input2.shape[-1]
+    if ctx.granularity != "position":
+        input1, input2, grad_output = base.sample_major(ctx.samples, 1, input1, input2, grad_output)
     n = 1 if input1.dim() == 1 else input1.shape[0]
     if input1.dim() <= 2 or ctx.granularity == "position":
         # One row per sample (2-D input) or per position (opt-in approximation).
@@ -134,6 +139,7 @@ def bilinear(
     bias: torch.Tensor | None = None,
     *,
     granularity: settings.Granularity | None = None,
+    samples: Layout | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.bilinear`` that also writes ``sum_grad_squared``.
 
@@ -150,6 +156,5 @@ def bilinear(
     """
     if not base.should_track(weight, bias):
         return F.bilinear(input1, input2, weight, bias)
-    return base.apply(
-        BilinearFunction, input1, input2, weight, bias, settings.resolve_granularity(granularity)
-    )
+    granularity = settings.resolve_granularity(granularity)
+    return base.apply(BilinearFunction, input1, input2, weight, bias, granularity, samples)

@@ -5,15 +5,16 @@ Internal to the ``patch_model`` backend (:mod:`truegrad.parameter`): it is not p
 every gradient are torch's; this module only says how to form the per-sample gradient
 of the parameter operand ``q`` from the output gradient ``dy``.
 
-Shapes: ``y (N, *)`` is ``broadcast(x, q)``; dim 0 of ``y`` indexes samples, and ``q``
-must not span it (its broadcast shape has size 1 there). With ``f = dy/dq`` elementwise
-(``1`` or ``alpha`` for add/sub, the other operand for mul, ``1/x`` or ``-x/q**2`` for
-div) sample n contributes
+Shapes: ``y`` is ``broadcast(x, q)``; the samples are where the model's samples are in ``y``
+(a :class:`~truegrad.engine.samples.Layout`: a dim, possibly a flattened one), and ``q``
+must not span that dim (its broadcast shape has size 1 there). With ``f = dy/dq``
+elementwise (``1`` or ``alpha`` for add/sub, the other operand for mul, ``1/x`` or
+``-x/q**2`` for div) sample n contributes
 
-    g_n(q) = sum over the dims that q is broadcast over (except dim 0) of (dy * f)[n]
+    g_n(q) = sum over the positions of sample n and the dims q is broadcast over of dy * f
 
 reshaped to ``q.shape``. Torch's own backward forms the same ``dy * f`` and reduces it
-over all broadcast dims including dim 0, so ``sum_n g_n == q.grad``.
+over all broadcast dims including the samples', so ``sum_n g_n == q.grad``.
 
 :data:`ELEMENTWISE_OPS` lists the functions (``torch.mul``, ``Tensor.__rmul__``,
 ``Tensor.add_`` ...) with their normal form; :func:`operands` turns a call into
@@ -23,15 +24,15 @@ over all broadcast dims including dim 0, so ``sum_n g_n == q.grad``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["ELEMENTWISE_OPS", "ElementwiseOp", "Plan", "factor", "operands", "plan_elementwise"]
+from truegrad.engine.samples import Layout
 
-Factor = Callable[[int, int], "torch.Tensor | float"]
-
+__all__ = ["ELEMENTWISE_OPS", "ElementwiseOp", "Plan", "operands", "plan_elementwise"]
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -42,11 +43,14 @@ class Plan:
         per_sample: ``per_sample(dy, start, stop) -> (stop - start, *q.shape)`` in the
             statistic's dtype.
         squared: optional exact shortcut ``squared(dy) -> sum_n g_n**2`` (shape of ``q``).
+        sample_numel: number of elements of one sample's gradient of ``q``.
     """
 
     n_samples: int
     per_sample: Callable[[torch.Tensor, int, int], torch.Tensor]
     squared: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: elements of one sample's gradient of the operand (to bound the memory of a chunk)
+    sample_numel: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,66 +117,93 @@ def operands(spec: ElementwiseOp, args: tuple, kwargs: dict) -> tuple[Any, Any, 
     return a, b, alpha, spec.op
 
 
-def _rows(t: torch.Tensor | float, ndim: int, start: int, stop: int) -> torch.Tensor | float:
-    """Rows ``start:stop`` of ``t`` broadcast against an output of ``ndim`` dims."""
-    if not isinstance(t, torch.Tensor) or t.dim() < ndim or t.shape[0] == 1:
-        return t
-    return t[start:stop]
-
-
-def factor(
-    op: str, q_first: bool, a: Any, b: Any, alpha: float, q_value: torch.Tensor, ndim: int,
-    dtype: torch.dtype,
-) -> Factor:
-    """``dy/dq`` of ``y = a (op) b`` as a function of the sample range (rows of the
-    other operand), where ``q`` is ``a`` (``q_first``) or ``b``."""
-    other = b if q_first else a
-
-    def cast(t: Any) -> Any:
-        return t.detach().to(dtype) if isinstance(t, torch.Tensor) else t
-
-    if op == "add":
-        value = 1 if q_first else alpha
-        return lambda s, e: value
-    if op == "sub":
-        value = 1 if q_first else -alpha
-        return lambda s, e: value
-    if op == "mul":
-        return lambda s, e: cast(_rows(other, ndim, s, e))
-    if op == "div" and q_first:  # y = q / x
-        return lambda s, e: cast(_rows(other, ndim, s, e)).reciprocal()
-    if op == "div":  # y = x / q: dy/dq = -x / q**2
-        q2 = cast(q_value).square()
-        return lambda s, e: -cast(_rows(other, ndim, s, e)) / q2
-    raise ValueError(f"unknown elementwise op {op!r}")
+def _samples_view(t: torch.Tensor, layout: Layout, start: int, stop: int) -> torch.Tensor:
+    """Samples ``start:stop`` of ``t`` with its samples' dim split into ``(outer, n, inner)``
+    (so ``t.dim() + 2`` dims; the samples on dim ``layout.dim + 1``)."""
+    return t.unflatten(layout.dim, (layout.outer, layout.n, layout.inner)).narrow(
+        layout.dim + 1, start, stop - start
+    )
 
 
 def plan_elementwise(
-    out_shape: torch.Size, q_shape: torch.Size, dydq: Factor, dtype: torch.dtype
+    out_shape: torch.Size,
+    q_shape: torch.Size,
+    out_layout: Layout,
+    dtype: torch.dtype,
+    *,
+    op: str = "add",
+    q_first: bool = True,
+    other: torch.Tensor | None = None,
+    other_layout: Layout | None = None,
+    alpha: float = 1.0,
+    q_value: torch.Tensor | None = None,
 ) -> Plan | str:
-    """The per-sample plan of ``q`` in an elementwise op with output ``out_shape``, or the
-    reason why there is none (``q`` spans the sample dimension, 0-d output)."""
+    """The per-sample plan of ``q`` in ``y = a (op) b`` with output ``out_shape``, or the
+    reason why there is none (``q`` spans the samples' dim).
+
+    Args:
+        out_layout: where the samples are in ``y`` (and in ``dy``).
+        op: ``add``/``sub``/``mul``/``div``; ``q_first``: ``q`` is ``a`` (else ``b``).
+        other: the operand that carries the samples (needed for ``mul``/``div``), with
+            ``other_layout`` its own layout.
+        alpha: ``y = a + alpha * b`` (``add``/``sub``).
+        q_value: the value of ``q`` (needed for ``x / q``).
+    """
     ndim = len(out_shape)
     if ndim == 0:
         return "the result is 0-d: it has no sample dimension"
     if len(q_shape) > ndim:
         return "the parameter has more dimensions than the result"
+    d = out_layout.dim
     aligned = (1,) * (ndim - len(q_shape)) + tuple(q_shape)
-    if aligned[0] != 1 and out_shape[0] != 1:
-        return (
-            f"the parameter (broadcast to {tuple(aligned)}) spans dim 0 of the result "
-            f"{tuple(out_shape)}, the sample dimension"
-        )
-    summed = tuple(d for d in range(1, ndim) if aligned[d] == 1 and out_shape[d] != 1)
-    n = out_shape[0]
+    layout_sizes = (out_layout.outer, out_layout.n, out_layout.inner)
+    spans = aligned[d] != 1 and out_layout.size != 1
+    if spans and aligned[d] != out_layout.size:
+        return f"the parameter (broadcast to {tuple(aligned)}) only partly covers the samples' dim {d}"
+    split = aligned[:d] + (layout_sizes if spans else (1, 1, 1)) + aligned[d + 1:]
+    grown = tuple(out_shape[:d]) + layout_sizes + tuple(out_shape[d + 1:])
+    summed = tuple(i for i in range(ndim + 2) if i != d + 1 and split[i] == 1 and grown[i] != 1)
+    if op in ("add", "sub"):
+        constant = (1 if q_first else alpha) * (1 if op == "add" or q_first else -1)
+    elif op in ("mul", "div"):
+        if other is None or other_layout is None:
+            return "the other operand carries no samples"
+        constant = None
+    else:
+        raise ValueError(f"unknown elementwise op {op!r}")
+    q_split = None
+    if op == "div" and not q_first:
+        assert q_value is not None
+        q_split = q_value.detach().to(dtype).square().reshape(split)
 
     def per_sample(dy: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        g = dy[start:stop].to(dtype)
-        f = dydq(start, stop)
-        if not (isinstance(f, (int, float)) and f == 1):
-            g = g * f
+        g = _samples_view(dy, out_layout, start, stop).to(dtype)
+        if constant is not None:
+            if constant != 1:
+                g = g * constant
+        else:
+            x = _samples_view(other.detach(), other_layout, start, stop).to(dtype)
+            if op == "mul":
+                g = g * x
+            elif q_first:  # y = q / x
+                g = g / x
+            else:  # y = x / q: dy/dq = -x / q**2
+                g = g * (-x / q_split)
         if summed:
             g = g.sum(summed, keepdim=True)
-        return g.reshape(stop - start, *q_shape)
+        if spans:  # q has one slice per sample: sample j's gradient lives in slice start + j
+            return _on_diagonal(g, d + 1, start, stop, split).reshape(stop - start, *q_shape)
+        return g.movedim(d + 1, 0).reshape(stop - start, *q_shape)
 
-    return Plan(n, per_sample)
+    return Plan(out_layout.n, per_sample, sample_numel=math.prod(q_shape))
+
+
+def _on_diagonal(g: torch.Tensor, axis: int, start: int, stop: int, shape: Sequence[int]) -> torch.Tensor:
+    """Per-sample gradients of an operand that spans the samples: ``g`` holds the gradient
+    of samples ``start:stop`` along ``axis`` (each only in its own slice); returns
+    ``(stop - start, *shape)`` zeros except sample j's slice ``start + j`` of ``axis``."""
+    count = stop - start
+    out = g.new_zeros((count, *shape))
+    diagonal = torch.diagonal(out.narrow(axis + 1, start, count), dim1=0, dim2=axis + 1)
+    diagonal.copy_(g.movedim(axis, -1))
+    return out

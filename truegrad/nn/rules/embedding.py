@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from truegrad._originals import F  # torch's own ops, also under patch_torch
+from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -122,12 +123,14 @@ class EmbeddingFunction(torch.autograd.Function):
         padding_idx: int,
         scale_grad_by_freq: bool,
         granularity: str,
+        samples: Layout | None,
     ) -> torch.Tensor:
         return torch.embedding(weight, input, padding_idx, scale_grad_by_freq, False)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, padding_idx, scale_grad_by_freq, granularity = inputs
+        input, weight, padding_idx, scale_grad_by_freq, granularity, samples = inputs
+        ctx.samples = samples
         ctx.save_for_backward(input)
         ctx.num_weights = weight.shape[0]
         ctx.weight_dtype = weight.dtype
@@ -147,13 +150,16 @@ class EmbeddingFunction(torch.autograd.Function):
             ).to(ctx.weight_dtype)
         if ctx.weight_param is not None:
             _embedding_statistic(ctx, input, grad_output)
-        return None, grad_weight, None, None, None
+        return None, grad_weight, None, None, None, None
 
 
 def _embedding_statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tensor) -> None:
     sdt = torch.float64 if ctx.weight_dtype == torch.float64 else torch.float32
     num_rows = ctx.num_weights
     dim = grad_output.shape[-1]
+    if ctx.granularity != "position":
+        (input,) = base.sample_major(ctx.samples, 0, input)
+        (grad_output,) = base.sample_major(ctx.samples, 1, grad_output)
     ids = input.reshape(-1).long()
     values = grad_output.reshape(-1, dim).to(sdt)
     coef = None
@@ -207,6 +213,7 @@ def embedding(
     sparse: bool = False,
     *,
     granularity: settings.Granularity | None = None,
+    samples: Layout | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.embedding`` that also writes ``weight.sum_grad_squared``.
 
@@ -220,6 +227,8 @@ def embedding(
         sparse: must be ``False`` when ``weight`` is tracked.
         granularity: ``None`` (the process-wide setting), ``"sample"`` (exact) or
             ``"position"`` (every id its own sample; opt-in approximation).
+        samples: where the model's samples are in ``input`` (set by the engine), ``None``:
+            dim 0.
 
     Returns:
         ``(N, *, D)``, exactly ``F.embedding(input, weight, ...)``.
@@ -245,7 +254,9 @@ def embedding(
         input = input.contiguous()
         with torch.no_grad():
             torch.embedding_renorm_(weight.detach(), input, max_norm, norm_type)
-    return base.apply(EmbeddingFunction, input, weight, padding_idx, scale_grad_by_freq, granularity)
+    return base.apply(
+        EmbeddingFunction, input, weight, padding_idx, scale_grad_by_freq, granularity, samples
+    )
 
 
 # --------------------------------------------------------------------------- embedding bag

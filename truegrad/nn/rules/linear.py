@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from truegrad._originals import F  # torch's own ops, also under patch_torch
+from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -36,14 +37,19 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, granularity: str
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        granularity: str,
+        samples: Layout | None,
     ) -> torch.Tensor:
         return F.linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, bias, granularity = inputs
+        input, weight, bias, granularity, samples = inputs
         ctx.save_for_backward(input, weight)
+        ctx.samples = samples
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.compute_dtype = output.dtype
         ctx.granularity = granularity
@@ -57,7 +63,7 @@ class LinearFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         dtype = ctx.compute_dtype
         grad_input = grad_weight = grad_bias = None
-        needs_input, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        needs_input, needs_weight, needs_bias, *_ = ctx.needs_input_grad
         out_features, in_features = weight.shape
         if needs_input:
             grad_input = grad_output @ base.cast(weight, dtype)
@@ -74,7 +80,7 @@ class LinearFunction(torch.autograd.Function):
             grad_weight = base.cast(grad_weight, weight.dtype)
         if grad_bias is not None:
             grad_bias = base.cast(grad_bias, ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def _statistic(
@@ -85,6 +91,8 @@ def _statistic(
     sdt = torch.float64 if param_dtype == torch.float64 else torch.float32
     out_features = grad_output.shape[-1]
     in_features = input.shape[-1]
+    if ctx.granularity != "position":
+        input, grad_output = base.sample_major(ctx.samples, 1, input, grad_output)
     per_position = input.dim() <= 2 or ctx.granularity == "position"
     if per_position:
         # One row per sample (2-D input) or per position (granularity="position").
@@ -192,19 +200,24 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     granularity: settings.Granularity | None = None,
+    samples: Layout | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.linear`` that also writes ``sum_grad_squared``.
 
     Args:
-        input: ``(N, *, in_features)``; dim 0 indexes samples (a 1-D input is one sample).
+        input: ``(N, *, in_features)``; dim 0 indexes samples (a 1-D input is one sample),
+            unless ``samples`` says where they are.
         weight: ``(out_features, in_features)``.
         bias: ``(out_features,)`` or ``None``.
         granularity: ``None`` (the process-wide setting), ``"sample"`` (exact) or
             ``"position"`` (per-position approximation, opt-in).
+        samples: where the model's samples are in ``input`` (set by the engine; any
+            leading dim, possibly flattened), ``None``: dim 0.
 
     Returns:
         ``(N, *, out_features)``, exactly ``F.linear(input, weight, bias)``.
     """
     if not base.should_track(weight, bias):
         return F.linear(input, weight, bias)
-    return base.apply(LinearFunction, input, weight, bias, settings.resolve_granularity(granularity))
+    granularity = settings.resolve_granularity(granularity)
+    return base.apply(LinearFunction, input, weight, bias, granularity, samples)

@@ -10,9 +10,10 @@ Every supported call is written as one two-operand contraction (:class:`Contract
     y = beta * bias + alpha * einsum("A,B->Y", a, b)
 
 (``x @ W`` is ``"...ik,kj->...ij"``, ``F.linear`` is ``"...k,jk->...j"`` plus ``bias``,
-``torch.addmm`` is ``"ik,kj->ij"`` plus ``bias`` ...). The first output index ``n`` is
-the sample index: it must come from the other operand ``x`` and not from ``q``. Sample
-n contributes
+``torch.addmm`` is ``"ik,kj->ij"`` plus ``bias`` ...). The sample index ``n`` is the index
+of the other operand ``x`` along which the model's samples lie (its
+:class:`~truegrad.engine.samples.Layout`); it must reach the output and not come from
+``q``. Sample n contributes
 
     g_n(q) = alpha * einsum("Y,X->nQ", dy, x)[n]
 
@@ -23,12 +24,8 @@ which ``q`` is broadcast. When no index is summed inside a sample (``x (N, K) @ 
 
 Flattened samples. Code such as Hugging Face's GPT-2 ``Conv1D`` does
 ``torch.addmm(b, x.view(-1, nx), W)`` on ``x (B, T, nx)``: the rows of the 2-D operand
-are ``B * T`` positions, not samples. :func:`flattened_samples` recovers B from the
-operand's ``_base`` when the operand is exactly a row-major flattening of that base (same
-memory and element count, the base's dim 0 outermost in memory, one sample a whole
-number of rows): rows ``n*T:(n+1)*T`` are sample n (dim 0 of the base), and
-:func:`plan_contraction` sums them inside the sample. Anything else
-keeps the rows as samples; the caller checks that count against the model's batch.
+are ``B * T`` positions. Its layout says so (``(outer, n, inner)`` along the rows), and
+the sample index is split into three, the outer and inner parts summed inside the sample.
 """
 
 from __future__ import annotations
@@ -42,13 +39,13 @@ from typing import Any
 import torch
 
 from truegrad._originals import F
-from truegrad.nn.rules.elementwise import Plan, plan_elementwise
+from truegrad.engine.samples import Layout
+from truegrad.nn.rules.elementwise import Plan, _on_diagonal, plan_elementwise
 
 __all__ = [
     "Contraction",
     "MATMUL_OPS",
     "contraction",
-    "flattened_samples",
     "matmul_equation",
     "parse_equation",
     "plan_bias",
@@ -214,44 +211,8 @@ def contraction(kind: str, args: tuple, kwargs: dict) -> Contraction | None:
     return None
 
 
-def _outer_blocks(base: torch.Tensor) -> bool:
-    """Whether ``base`` is dense (no gaps, no overlap, any dim order) with dim 0 outermost
-    in memory, so that each index of dim 0 is one contiguous block of memory."""
-    dims = sorted((st, sz) for st, sz in zip(base.stride(), base.shape) if sz != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return base.shape[0] == 1 or base.stride(0) * base.shape[0] == base.numel()
-
-
-def flattened_samples(x: torch.Tensor) -> int | None:
-    """B when the 2-D ``x`` is a row-major flattening of a tensor ``base (B, ...)`` (its
-    ``_base``, 2+ dims) whose samples are whole blocks of rows, else ``None``.
-
-    Precisely: ``x`` is contiguous and covers exactly the memory of ``base`` (same start,
-    same element count); ``base`` is dense with dim 0 outermost in memory; and one index of
-    ``base``'s dim 0 spans a whole number of rows of ``x``. Then rows
-    ``n*P:(n+1)*P`` of ``x`` (``P = rows / B``) are exactly ``base[n]``'s elements: sample n.
-    This is ``x.view(-1, nx)`` of ``(B, T, nx)`` (GPT-2's ``Conv1D``), also when ``base`` is a
-    permuted-memory tensor such as an attention output transposed back to ``(B, T, H, d)``.
-    """
-    base = x._base
-    if base is None or x.dim() != 2 or base.dim() < 2 or x.numel() == 0:
-        return None
-    if base.numel() != x.numel() or not x.is_contiguous() or x.data_ptr() != base.data_ptr():
-        return None
-    if not _outer_blocks(base):
-        return None
-    per_sample = x.numel() // base.shape[0]
-    if per_sample % x.shape[1]:
-        return None
-    return base.shape[0]
-
-
-def _split_letter(term: str, letter: str, new: str) -> str:
-    return term.replace(letter, letter + new)
+def _split_letter(term: str, letter: str, outer: str, inner: str) -> str:
+    return term.replace(letter, outer + letter + inner)
 
 
 def _fit(g: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -269,8 +230,7 @@ def plan_contraction(
     q_index: int,
     out_shape: torch.Size,
     dtype: torch.dtype,
-    *,
-    split: int | None = None,
+    x_layout: Layout,
 ) -> Plan | str:
     """The per-sample plan of operand ``q_index`` (0: ``a``, 1: ``b``) of ``c``, or the reason
     why there is none.
@@ -278,63 +238,74 @@ def plan_contraction(
     Args:
         out_shape: shape of ``einsum(...)`` (and of ``dy``).
         dtype: dtype of the statistic.
-        split: ``B`` when dim 0 of the output is ``B`` samples of ``out_shape[0] // B``
-            flattened rows each (see :func:`flattened_samples`), else ``None``.
+        x_layout: where the samples are in the other operand ``x`` (which carries them).
     """
     q_term, x_term = c.terms[q_index], c.terms[1 - q_index]
     q, x = c.operands[q_index], c.operands[1 - q_index]
     out = c.output
-    if not out:
-        return "the result is 0-d: it has no sample dimension"
-    n = out[0]
+    n = x_term[x_layout.dim]
+    if n not in out:
+        return "the product sums over the samples (their index is contracted)"
     q_shape = tuple(q.shape)
+    full_q_shape = q_shape
     unsqueeze = None  # q has size 1 along the sample index (broadcast): a (1, ...) operand
+    spans = False  # q has one slice per sample along the sample index
     if n in q_term:
-        unsqueeze = q_term.index(n)
-        if q_shape[unsqueeze] != 1:
-            return f"the parameter spans dim 0 of the result (index {n!r}), the sample dimension"
-        q_term = q_term.replace(n, "")
-        q_shape = q_shape[:unsqueeze] + q_shape[unsqueeze + 1:]
-    if n not in x_term:
-        return "dim 0 of the result does not come from the other operand"
+        at = q_term.index(n)
+        if q_shape[at] == 1 and x_layout.size != 1:
+            unsqueeze = at
+            q_term = q_term.replace(n, "")
+            q_shape = q_shape[:at] + q_shape[at + 1:]
+        elif q_shape[at] == x_layout.size:
+            spans = True
+        else:
+            return f"the parameter only partly covers the samples' index {n!r} of the product"
     if len(set(q_term)) != len(q_term):
         return "the parameter has a repeated index (a diagonal)"
+    q_split = list(q_shape)
     if any(ch not in out and ch not in x_term for ch in q_term):
         return "an index of the parameter appears in no other operand"
     x_shape = list(x.shape)
     dy_shape = list(out_shape)
-    n_samples = out_shape[0]
-    if split is not None:
-        if split <= 0 or out_shape[0] % split:
-            return "the flattened rows do not split into the samples"
-        extra = next(ch for ch in _LETTERS if ch not in out + x_term + q_term)
-        axis = x_term.index(n)
-        if x_shape[axis] != out_shape[0]:
-            return "the flattened rows do not split into the samples"
-        x_shape[axis:axis + 1] = [split, out_shape[0] // split]
-        dy_shape[0:1] = [split, out_shape[0] // split]
-        x_term, out = _split_letter(x_term, n, extra), _split_letter(out, n, extra)
-        n_samples = split
+    out_axis = out.index(n)
+    if dy_shape[out_axis] != x_layout.size:
+        return "the samples' index of the product does not match the operand carrying them"
+    if not x_layout.plain:  # the samples' index is (outer, n, inner): split it into three
+        free = [ch for ch in _LETTERS if ch not in out + x_term + q_term]
+        o_letter, i_letter = free[0], free[1]
+        axis = x_layout.dim
+        sizes = [x_layout.outer, x_layout.n, x_layout.inner]
+        x_shape[axis:axis + 1] = sizes
+        dy_shape[out_axis:out_axis + 1] = sizes
+        x_term = _split_letter(x_term, n, o_letter, i_letter)
+        out = _split_letter(out, n, o_letter, i_letter)
+        if spans:
+            at = q_term.index(n)
+            q_split[at:at + 1] = sizes
+            q_term = _split_letter(q_term, n, o_letter, i_letter)
     axis = x_term.index(n)
-    x_rows = x_shape[axis] != 1
-    equation = f"{out},{x_term}->{n}{q_term}"
+    d_axis = out.index(n)
+    equation = f"{out},{x_term}->{q_term}" if spans else f"{out},{x_term}->{n}{q_term}"
     alpha = c.alpha
     x_value = x.detach()
 
     def per_sample(dy: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        d = dy.reshape(dy_shape)[start:stop].to(dtype)
-        xs = x_value.reshape(x_shape)
-        xs = (xs.narrow(axis, start, stop - start) if x_rows else xs).to(dtype)
+        d = dy.reshape(dy_shape).narrow(d_axis, start, stop - start).to(dtype)
+        xs = x_value.reshape(x_shape).narrow(axis, start, stop - start).to(dtype)
         g = torch.einsum(equation, d, xs)
         if alpha != 1:
             g = g * alpha
+        if spans:  # sample j's gradient lives in q's slice start + j of the sample index
+            g = _fit(g, tuple(q_split[: q_term.index(n)]) + (stop - start,) + tuple(q_split[q_term.index(n) + 1:]))
+            placed = _on_diagonal(g, q_term.index(n), start, stop, q_split)
+            return placed.reshape(stop - start, *full_q_shape)
         g = _fit(g, (stop - start, *q_shape))
         return g if unsqueeze is None else g.unsqueeze(1 + unsqueeze)
 
     squared = None
     letters = set(out) | set(x_term)
     sizes = dict(zip(out, dy_shape)) | dict(zip(x_term, x_shape))
-    if letters <= {n, *q_term} and all(sizes.get(ch) == s for ch, s in zip(q_term, q_shape)):
+    if not spans and letters <= {n, *q_term} and all(sizes.get(ch) == s for ch, s in zip(q_term, q_shape)):
         sq_equation = f"{out},{x_term}->{q_term}"
 
         def squared(dy: torch.Tensor) -> torch.Tensor:
@@ -343,7 +314,7 @@ def plan_contraction(
             g = g * (alpha * alpha) if alpha != 1 else g
             return g if unsqueeze is None else g.unsqueeze(unsqueeze)
 
-    return Plan(n_samples, per_sample, squared)
+    return Plan(x_layout.n, per_sample, squared, sample_numel=math.prod(full_q_shape))
 
 
 def plan_bias(
@@ -351,17 +322,8 @@ def plan_bias(
     bias_shape: torch.Size,
     beta: float,
     dtype: torch.dtype,
-    *,
-    split: int | None = None,
+    out_layout: Layout,
 ) -> Plan | str:
     """The per-sample plan of the added ``bias`` of ``addmm``/``linear``
-    (``y = beta * bias + ...``)."""
-    if split is None:
-        return plan_elementwise(out_shape, bias_shape, lambda s, e: beta, dtype)
-    if split <= 0 or not out_shape or out_shape[0] % split:
-        return "the flattened rows do not split into the samples"
-    shape = torch.Size([split, out_shape[0] // split, *out_shape[1:]])
-    inner = plan_elementwise(shape, bias_shape, lambda s, e: beta, dtype)
-    if isinstance(inner, str):
-        return inner
-    return Plan(split, lambda dy, s, e: inner.per_sample(dy.reshape(shape), s, e))
+    (``y = beta * bias + ...``); ``out_layout``: where the samples are in ``y``."""
+    return plan_elementwise(out_shape, bias_shape, out_layout, dtype, alpha=beta, q_first=False)

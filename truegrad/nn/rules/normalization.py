@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from truegrad._originals import F  # torch's own ops, also under patch_torch
+from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 from truegrad.nn.rules import base
 
@@ -150,6 +151,11 @@ def _rows_statistic(
     weight_param, bias_param = ctx.weight_param, ctx.bias_param
     ref = weight_param if weight_param is not None else bias_param
     sdt = _stat_dtype(ref.dtype)
+    if ctx.granularity != "position":
+        trailing = len(normalized_shape)
+        input, grad_output, rstd = base.sample_major(ctx.samples, trailing, input, grad_output, rstd)
+        if mean is not None:
+            (mean,) = base.sample_major(ctx.samples, trailing, mean)
     d = math.prod(normalized_shape)
     rows = input.numel() // d if d else 0
     x2 = input.reshape(rows, d)
@@ -295,12 +301,14 @@ class LayerNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         eps: float,
         granularity: str,
+        samples: Layout | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.ops.aten.native_layer_norm(input, list(normalized_shape), weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, normalized_shape, weight, bias, _, granularity = inputs
+        input, normalized_shape, weight, bias, _, granularity, samples = inputs
+        ctx.samples = samples
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(input, weight, bias, mean, rstd)
@@ -320,7 +328,7 @@ class LayerNormFunction(torch.autograd.Function):
         )
         if ctx.weight_param is not None or ctx.bias_param is not None:
             _rows_statistic(ctx, input, grad_output, mean, rstd, ctx.normalized_shape)
-        return grad_input, None, grad_weight, grad_bias, None, None
+        return grad_input, None, grad_weight, grad_bias, None, None, None
 
 
 def layer_norm(
@@ -331,6 +339,7 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     granularity: settings.Granularity | None = None,
+    samples: Layout | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.layer_norm`` that also writes ``sum_grad_squared``.
 
@@ -351,7 +360,7 @@ def layer_norm(
     granularity = settings.resolve_granularity(granularity)
     input, weight, bias = _autocast_fp32("layer_norm", input, weight, bias)
     shape = _normalized_shape(normalized_shape)
-    return base.apply(LayerNormFunction, input, shape, weight, bias, eps, granularity)[0]
+    return base.apply(LayerNormFunction, input, shape, weight, bias, eps, granularity, samples)[0]
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -440,12 +449,14 @@ class RMSNormFunction(torch.autograd.Function):
         eps: float | None,
         fused: bool,
         granularity: str,
+        samples: Layout | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ops.aten._fused_rms_norm(input, list(normalized_shape), weight, eps)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, normalized_shape, weight, _, fused, granularity = inputs
+        input, normalized_shape, weight, _, fused, granularity, samples = inputs
+        ctx.samples = samples
         _, rstd = output
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(input, weight, rstd)
@@ -470,7 +481,7 @@ class RMSNormFunction(torch.autograd.Function):
             )
         if ctx.weight_param is not None:
             _rows_statistic(ctx, input, grad_output, None, rstd, ctx.normalized_shape)
-        return grad_input, None, grad_weight, None, None, None
+        return grad_input, None, grad_weight, None, None, None, None
 
 
 def rms_norm(
@@ -480,6 +491,7 @@ def rms_norm(
     eps: float | None = None,
     *,
     granularity: settings.Granularity | None = None,
+    samples: Layout | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.rms_norm`` that also writes ``weight.sum_grad_squared``.
 
@@ -504,7 +516,7 @@ def rms_norm(
     assert input is not None and weight is not None
     shape = _normalized_shape(normalized_shape)
     fused = _uses_fused_rms(input, weight)
-    return base.apply(RMSNormFunction, input, shape, weight, eps, fused, granularity)[0]
+    return base.apply(RMSNormFunction, input, shape, weight, eps, fused, granularity, samples)[0]
 
 
 # --------------------------------------------------------------------------- GroupNorm

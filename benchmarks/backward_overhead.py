@@ -29,15 +29,12 @@ compute the same exact statistic: BackPack ``SumGradSquared``, Opacus
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import statistics
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -285,21 +282,6 @@ def measure_time(workload: str, contenders: list[str], rounds: int, steps: int) 
     return result
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler's native start/stop lines (written to fd 2, not sys.stderr)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _peak_mib(step: StepFn) -> float:
     """Peak of torch's CPU allocations during one step, above the start (torch.profiler).
 
@@ -310,8 +292,7 @@ def _peak_mib(step: StepFn) -> float:
     from truegrad.diagnosis import cpu_peak_bytes
 
     step()
-    with _quiet_stderr():
-        return cpu_peak_bytes(step) / 2**20
+    return cpu_peak_bytes(step) / 2**20  # quiet: it silences the profiler's native lines
 
 
 def measure_memory(workload: str, contenders: list[str]) -> dict[str, float]:

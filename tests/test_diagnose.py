@@ -89,9 +89,12 @@ def test_custom_module_is_covered_and_unused_parameters_are_reported() -> None:
     for name in ("gain.gain", "head.weight", "head.bias"):
         assert rows[name].covered and rows[name].relative_error < 1e-4
     for name in ("unused.weight", "unused.bias"):
-        assert not rows[name].covered and rows[name].reason == "no statistic after backward"
-    assert report.uncovered == ["unused.weight", "unused.bias"]
+        assert rows[name].unused and not rows[name].covered and rows[name].reason is None
+    assert report.uncovered == [] and report.unused == ["unused.weight", "unused.bias"]
     assert report.peak_memory_ratio is None and "not measured" in str(report)
+    line = next(line for line in str(report).splitlines() if line.startswith("unused.weight"))
+    assert line.split()[2] == "unused" and line.endswith("no gradient: the loss does not use it")
+    assert "3 of 3 trainable parameters covered (2 more not used by this loss)" in str(report)
 
 
 def test_batchnorm_in_training_mode_has_no_per_sample_oracle() -> None:
@@ -111,9 +114,9 @@ def test_batchnorm_in_training_mode_has_no_per_sample_oracle() -> None:
 
 
 @pytest.mark.backpack
-def test_backend_with_a_backward_context() -> None:
-    """BackPack runs its backward inside ``backend.backward_context()``; its warnings are
-    collected into the notes."""
+def test_backend_with_a_backward_context_names_the_backend_that_covers_the_rest() -> None:
+    """BackPack runs its backward inside ``backend.backward_context()``; what it leaves
+    without a statistic says why, and that the default backend covers it."""
     pytest.importorskip("backpack")
     entry = ZOO["gpt"]
     report = diagnose(
@@ -122,17 +125,67 @@ def test_backend_with_a_backward_context() -> None:
     )
     rows = report.by_name
     assert rows["wte.weight"].reason.startswith("shared by modules 'wte' (Embedding), 'lm_head' (Linear)")
+    assert rows["wpe.weight"].reason.startswith(
+        "module 'wpe' (Embedding): its input does not carry the model's samples"
+    )
     assert not rows["norm.weight"].covered
     assert rows["blocks.0.attn.qkv.weight"].covered
     assert rows["blocks.0.attn.qkv.weight"].relative_error < 1e-4
-    assert len(report.uncovered) == 6
-    assert any(note.startswith("BatchDimensionWarning:") for note in report.notes)
+    assert len(report.uncovered) == 7
+    assert all(rows[n].reason.endswith("(backend 'auto' covers it)") for n in report.uncovered)
 
 
 def test_unknown_backend_lists_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown truegrad backend 'nope'; valid choices: 'nn', 'patch_torch'"):
+    with pytest.raises(ValueError, match=r"unknown truegrad backend 'nope'; valid choices: 'auto', 'nn'"):
         diagnose(nn.Linear(2, 1), torch.randn(3, 2), lambda out, _: out.sum(), backend="nope")
 
 
-def test_default_backend_is_patch_torch() -> None:
-    assert inspect.signature(diagnose).parameters["backend"].default == "patch_torch"
+def test_default_backend_is_auto() -> None:
+    assert inspect.signature(diagnose).parameters["backend"].default == "auto"
+
+
+@pytest.mark.parametrize("bad", [{"model": "x"}, {"loss_fn": 3}, {"repeats": 0}, {"repeats": "2"}])
+def test_bad_arguments_are_named(bad: dict) -> None:
+    args = {"model": nn.Linear(2, 1), "example_inputs": torch.randn(3, 2),
+            "loss_fn": lambda out, _: out.sum(), **bad}
+    name = next(iter(bad))
+    with pytest.raises((TypeError, ValueError), match=name):
+        diagnose(**args)
+
+
+def test_hugging_face_model_with_dropout_and_a_padding_mask() -> None:
+    """Finding 7 of the real-model review: dropout in training mode and a Hugging Face
+    attention mask made torch.func's oracle fail, then "p.grad differs" was a false alarm.
+    Dropout is off for the comparison (same function everywhere), the loop oracle takes over
+    where torch.func cannot run, and every parameter is exact."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16,
+                        hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    model = BertModel(config).train()
+    ids = torch.randint(1, 30, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    target = torch.randn(3, 6, 16)
+    report = diagnose(
+        model, {"input_ids": ids, "attention_mask": mask},
+        lambda out, t: F.mse_loss(out.last_hidden_state, t), target, repeats=1,
+        measure_memory=False,
+    )
+    assert not any("differs" in note for note in report.notes), report.notes
+    assert any(note.startswith("oracle: the loop oracle") for note in report.notes)
+    assert report.uncovered == []
+    assert report.unused == ["pooler.dense.weight", "pooler.dense.bias"]
+    for row in report.parameters:
+        if not row.unused:
+            assert row.relative_error is not None and row.relative_error < 1e-4, row
+
+
+def test_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    """The profiler that measures CPU memory says nothing on the terminal."""
+    entry = ZOO["mlp"]
+    diagnose(entry.build(), entry.inputs(), entry.loss, entry.targets(), repeats=1)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -5,7 +5,7 @@ The core package imports only ``torch``. Submodules are loaded on first use::
     from truegrad import nn          # drop-in modules with hand-written backward
     from truegrad.optim import TGAdamW
     from truegrad import testing     # exact oracles for p.sum_grad_squared
-    truegrad.diagnose(model, inputs, loss_fn, targets, backend="patch_torch")  # report
+    truegrad.diagnose(model, inputs, loss_fn, targets)  # coverage, exactness, cost
 """
 
 from __future__ import annotations

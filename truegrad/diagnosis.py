@@ -2,17 +2,21 @@
 
 ::
 
-    report = truegrad.diagnose(model, x, loss_fn, y, backend="patch_torch")
+    report = truegrad.diagnose(model, x, loss_fn, y)
     print(report)
 
 The model is never touched: two deep copies are made, one left as plain torch (run with
-every truegrad backend bypassed) and one prepared with the backend. For every trainable
-parameter the report says whether it got a statistic (and why not: the backend's
-:meth:`~truegrad.backends.Backend.coverage`, or "no statistic after backward" when a
-covered parameter got none, e.g. because it took no part in the loss), and its relative
+every truegrad backend bypassed) and one prepared with the backend. Everything runs with
+dropout turned off (a thread-local ``TorchFunctionMode`` makes every dropout the identity,
+whatever module or function calls it) and from the same random state, so the copies, and
+the oracle, compute the same function. For every trainable parameter the report says
+whether it got a statistic and, if not, why (the reason the backend recorded, which names
+the op, and the backend that would cover it when the default one does), or that the loss
+does not reach it at all ("unused": no gradient, so nothing to cover); and its relative
 error ``max|s - s_exact| / max|s_exact|`` against the exact per-sample oracle of
-:mod:`truegrad.testing` (not for models whose samples interact: BatchNorm in training
-mode). For the model it reports:
+:mod:`truegrad.testing`: the ``torch.func`` one, or the loop one when ``torch.func``
+cannot run the model (data-dependent control flow, Hugging Face attention masks); not
+for models whose samples interact (BatchNorm in training mode). For the model it reports:
 
 * **backward time ratio**: backend's ``loss.backward()`` over plain torch's, the median
   of ``repeats`` paired measurements (plain and backend alternate; forward not timed);
@@ -30,16 +34,19 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
+import sys
 import statistics as stats
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from truegrad import _bypass, statistic, testing
-from truegrad.backends import get_backend
+from truegrad.backends import DEFAULT_BACKEND, get_backend
 
 __all__ = ["DiagnosisReport", "ParameterDiagnosis", "cpu_peak_bytes", "diagnose"]
 
@@ -54,9 +61,10 @@ class ParameterDiagnosis:
         name: qualified name (a tied parameter appears once, under its first name).
         shape: the parameter's shape.
         covered: the backend covers it and it got a statistic.
-        reason: why it is not covered (``None`` when it is).
+        reason: why it is not covered (``None`` when it is, or when it is unused).
         relative_error: ``max|s - s_exact| / max|s_exact|`` (``None`` when not computed).
         error_note: why ``relative_error`` is missing, e.g. ``"n/a (samples interact)"``.
+        unused: the loss does not reach it (no gradient): nothing to cover.
     """
 
     name: str
@@ -65,6 +73,7 @@ class ParameterDiagnosis:
     reason: str | None
     relative_error: float | None
     error_note: str | None = None
+    unused: bool = False
 
     @property
     def error_text(self) -> str:
@@ -111,14 +120,22 @@ class DiagnosisReport:
 
     @property
     def uncovered(self) -> list[str]:
-        return [row.name for row in self.parameters if not row.covered]
+        """Parameters the loss reaches that get no statistic."""
+        return [row.name for row in self.parameters if not row.covered and not row.unused]
+
+    @property
+    def unused(self) -> list[str]:
+        """Trainable parameters the loss does not reach (no gradient)."""
+        return [row.name for row in self.parameters if row.unused]
 
     def __str__(self) -> str:
         covered = sum(row.covered for row in self.parameters)
+        used = sum(not row.unused for row in self.parameters)
         header = ("parameter", "shape", "covered", "rel. error", "reason")
         rows = [
-            (row.name, "x".join(map(str, row.shape)) or "scalar", "yes" if row.covered else "NO",
-             row.error_text, row.reason or "")
+            (row.name, "x".join(map(str, row.shape)) or "scalar",
+             "unused" if row.unused else ("yes" if row.covered else "NO"),
+             row.error_text, row.reason or ("no gradient: the loss does not use it" if row.unused else ""))
             for row in self.parameters
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
@@ -132,9 +149,11 @@ class DiagnosisReport:
             if self.peak_memory_ratio is not None
             else "not measured"
         )
+        unused = len(self.parameters) - used
         out = [
             f"truegrad.diagnose: backend {self.backend!r} on {self.device}: {covered} of "
-            f"{len(self.parameters)} trainable parameters covered",
+            f"{used} trainable parameters covered"
+            + (f" ({unused} more not used by this loss)" if unused else ""),
             "",
             line(header).rstrip(),
             *(line(r).rstrip() for r in rows),
@@ -156,7 +175,7 @@ def cpu_peak_bytes(run: Callable[[], Any]) -> int:
     still held is not counted."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = [
         e for e in prof.profiler.kineto_results.events()
@@ -170,6 +189,22 @@ def cpu_peak_bytes(run: Callable[[], Any]) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop lines (Kineto writes them to file descriptor
+    2, not through ``sys.stderr``) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _bytes(n: int | None) -> str:
     if n is None:
         return "?"
@@ -181,6 +216,37 @@ def _bytes(n: int | None) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def _dropouts() -> dict[Any, int]:
+    """Dropout functions -> index of their input argument (all return it unchanged here)."""
+    F = torch.nn.functional
+    table: dict[Any, int] = {}
+    for owner in (F, torch, torch.Tensor):
+        for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                     "feature_alpha_dropout", "feature_dropout"):
+            function = getattr(owner, name, None)
+            if function is not None:
+                table[function] = 0
+    return table
+
+
+class _NoDropout(TorchFunctionMode):
+    """Every dropout is the identity, and attention's ``dropout_p`` is 0, in this thread."""
+
+    _TABLE: dict[Any, int] = {}
+
+    def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        table = self._TABLE or self._TABLE.update(_dropouts()) or self._TABLE
+        if func in table:
+            return args[0] if args else kwargs["input"]
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif "dropout_p" in kwargs:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -206,12 +272,15 @@ def _samples_interact(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """``max|a - e| / max(max|e|, floor)``: ``floor`` (a tiny fraction of the model's largest
+    statistic) keeps a parameter whose exact gradient is zero, such as an attention key bias,
+    from comparing float rounding noise with float rounding noise."""
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
     if a.shape != e.shape:
         return math.inf
-    scale = float(e.abs().max()) if e.numel() else 0.0
+    scale = max(float(e.abs().max()) if e.numel() else 0.0, floor)
     diff = float((a - e).abs().max()) if e.numel() else 0.0
     if not math.isfinite(diff):
         return math.inf
@@ -278,7 +347,7 @@ def diagnose(
     example_inputs: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     targets: Any = None,
-    backend: str = "patch_torch",
+    backend: str = DEFAULT_BACKEND,
     *,
     repeats: int = 5,
     measure_memory: bool = True,
@@ -292,7 +361,7 @@ def diagnose(
             keyword arguments, batched along dim 0.
         loss_fn: ``loss_fn(model_output, targets) -> scalar``.
         targets: passed to ``loss_fn``.
-        backend: a name from :data:`truegrad.backends.BACKENDS`.
+        backend: a name from :data:`truegrad.backends.BACKENDS` (default ``"auto"``).
         repeats: paired timing repeats (the median ratio is reported).
         measure_memory: also measure peak memory (on CPU this runs ``torch.profiler``).
 
@@ -300,88 +369,69 @@ def diagnose(
         A :class:`DiagnosisReport`; ``print(report)`` shows the table.
 
     Raises:
-        ValueError: for an unknown backend name (listing the valid ones).
+        TypeError: ``model`` is not a ``torch.nn.Module`` or ``loss_fn`` is not callable.
+        ValueError: for an unknown backend name (listing the valid ones) or ``repeats < 1``.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"diagnose needs a torch.nn.Module as model, got {type(model).__module__}."
+            f"{type(model).__qualname__}"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {loss_fn!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int of at least 1, got {repeats!r}")
     tracker = get_backend(backend)
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    plain_model = copy.deepcopy(model)
-    tracked_model = copy.deepcopy(model)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     devices = [device] if device.type == "cuda" else []
     notes: list[str] = []
 
-    coverage = tracker.coverage(tracked_model)
-    with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        handle = tracker.prepare(tracked_model)
-        try:
-            plain = _Step(plain_model, example_inputs, loss_fn, targets, _bypass.bypass)
-            tracked = _Step(tracked_model, example_inputs, loss_fn, targets, contextlib.nullcontext)
-            no_context = contextlib.nullcontext
-            tracked.timed(tracker.backward_context, device)  # the run the table reports
-            results = {n: statistic.get(p) for n, p in tracked_model.named_parameters()}
-            results = {n: None if s is None else s.clone() for n, s in results.items()}
-            grads = {n: p.grad for n, p in tracked_model.named_parameters()}
-            plain.timed(no_context, device)  # warm-up, and the reference gradients
-            differ = [
-                n for n, p in plain_model.named_parameters()
-                if p.requires_grad and not _close(grads.get(n), p.grad)
-            ]
-            if differ:
-                notes.append("p.grad differs from plain torch's for " + ", ".join(differ))
-            pairs = [
-                (plain.timed(no_context, device), tracked.timed(tracker.backward_context, device))
-                for _ in range(repeats)
-            ]
-            peaks: tuple[int, int] | None = None
-            if measure_memory:
-                peaks = (
-                    plain.peak_bytes(no_context, device),
-                    tracked.peak_bytes(tracker.backward_context, device),
-                )
-        finally:
-            handle.undo()
-    for w in caught:
-        text = str(w.message).splitlines()[0]
-        note = f"{w.category.__name__}: {text}"
-        if note not in notes:
-            notes.append(note)
+    with torch.random.fork_rng(devices=devices), _NoDropout():
+        tracked = _run_backend(tracker, model, example_inputs, loss_fn, targets, device, repeats,
+                               measure_memory, notes)
+        results, grads, coverage, pairs, peaks, plain_grads = tracked
+        others: dict[str, str] = {}
+        missing = [n for n, v in results.items() if v is None and grads.get(n) is not None]
+        if missing and tracker.name != DEFAULT_BACKEND:  # would the default cover them?
+            default = get_backend(DEFAULT_BACKEND)
+            alt = _run_backend(default, model, example_inputs, loss_fn, targets, device, 0,
+                               False, [])
+            others = {n: DEFAULT_BACKEND for n in missing if alt[0].get(n) is not None}
+        oracle, oracle_note = _oracle(model, example_inputs, loss_fn, targets, notes)
 
-    interact = _samples_interact(plain_model)
-    oracle: testing.OracleResult | None = None
-    oracle_note: str | None = None
-    if interact is not None:
-        oracle_note = SAMPLES_INTERACT
-        notes.insert(0, f"no per-sample oracle: {interact}, so samples interact")
-    else:
-        try:
-            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. torch.func's "performance drop" notes
-                oracle = testing.sum_grad_squared_oracle(plain_model, loss_fn, example_inputs, targets)
-        except Exception as error:  # the oracle cannot run this model (e.g. random ops)
-            oracle_note = "n/a (oracle failed)"
-            notes.insert(0, f"oracle failed: {type(error).__name__}: {str(error).splitlines()[0]}")
-
+    floor = 0.0
+    if oracle is not None and oracle.sum_grad_squared:
+        floor = 1e-10 * max(float(v.abs().max()) for v in oracle.sum_grad_squared.values() if v.numel())
     rows = []
-    for name, param in tracked_model.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        reason = coverage.get(name, "not reported by the backend's coverage")
         value = results.get(name)
-        if reason is None and value is None:
-            reason = "no statistic after backward"
+        if grads.get(name) is None:  # the loss does not reach it
+            rows.append(ParameterDiagnosis(
+                name=name, shape=tuple(param.shape), covered=False, reason=None,
+                relative_error=None, error_note="-", unused=True,
+            ))
+            continue
+        reason = None
+        if value is None:
+            reason = coverage.get(name) or "no statistic after backward, and no reason recorded"
+            if name in others:
+                reason += f" (backend {others[name]!r} covers it)"
         error: float | None = None
         note = oracle_note
         if value is None:
             note = "-"
         elif oracle is not None:
-            error = _relative_error(value, oracle.sum_grad_squared[name])
+            error = _relative_error(value, oracle.sum_grad_squared[name], floor)
         rows.append(ParameterDiagnosis(
             name=name, shape=tuple(param.shape), covered=reason is None, reason=reason,
             relative_error=error, error_note=None if error is not None else note,
         ))
+    differ = [n for n, g in grads.items() if not _close(g, plain_grads.get(n))]
+    if differ:
+        notes.append("p.grad differs from plain torch's for " + ", ".join(differ))
 
     ratios = [b / a if a > 0 else math.inf for a, b in pairs]
     if device.type == "cuda":
@@ -403,3 +453,86 @@ def diagnose(
         repeats=repeats,
         notes=tuple(notes),
     )
+
+
+def _run_backend(
+    tracker: Any,
+    model: torch.nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    targets: Any,
+    device: torch.device,
+    repeats: int,
+    measure_memory: bool,
+    notes: list[str],
+) -> tuple[dict, dict, dict, list, tuple[int, int] | None, dict]:
+    """One measured step of ``tracker`` on a copy of ``model`` (and ``repeats`` paired timed
+    steps with a plain copy): statistics, gradients, coverage after the step, timing pairs,
+    peak memory, plain gradients."""
+    plain_model = copy.deepcopy(model)
+    tracked_model = copy.deepcopy(model)
+    seed = torch.initial_seed()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = tracker.prepare(tracked_model)
+        try:
+            plain = _Step(plain_model, example_inputs, loss_fn, targets, _bypass.bypass)
+            tracked = _Step(tracked_model, example_inputs, loss_fn, targets, contextlib.nullcontext)
+            no_context = contextlib.nullcontext
+            torch.manual_seed(seed)
+            tracked.timed(tracker.backward_context, device)  # the run the table reports
+            coverage = tracker.coverage(tracked_model)  # after the forward: what it recorded
+            results = {n: statistic.get(p) for n, p in tracked_model.named_parameters()}
+            results = {n: None if s is None else s.clone() for n, s in results.items()}
+            grads = {n: p.grad for n, p in tracked_model.named_parameters() if p.requires_grad}
+            torch.manual_seed(seed)
+            plain.timed(no_context, device)  # warm-up, and the reference gradients
+            plain_grads = {n: p.grad for n, p in plain_model.named_parameters() if p.requires_grad}
+            pairs = [
+                (plain.timed(no_context, device), tracked.timed(tracker.backward_context, device))
+                for _ in range(repeats)
+            ]
+            peaks: tuple[int, int] | None = None
+            if measure_memory:
+                peaks = (
+                    plain.peak_bytes(no_context, device),
+                    tracked.peak_bytes(tracker.backward_context, device),
+                )
+        finally:
+            handle.undo()
+    for w in caught:
+        text = str(w.message).splitlines()[0]
+        note = f"{w.category.__name__}: {text}"
+        if note not in notes:
+            notes.append(note)
+    return results, grads, coverage, pairs, peaks, plain_grads
+
+
+def _oracle(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    targets: Any,
+    notes: list[str],
+) -> tuple[testing.OracleResult | None, str | None]:
+    """The exact oracle of a copy of ``model``: ``torch.func``, else the loop oracle."""
+    interact = _samples_interact(model)
+    if interact is not None:
+        notes.insert(0, f"no per-sample oracle: {interact}, so samples interact")
+        return None, SAMPLES_INTERACT
+    failures = []
+    for method in ("func", "loop"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. torch.func's "performance drop" notes
+                result = testing.sum_grad_squared_oracle(
+                    copy.deepcopy(model), loss_fn, example_inputs, targets, method=method
+                )
+        except Exception as error:  # noqa: BLE001 - the oracle cannot run this model
+            failures.append(f"{method}: {type(error).__name__}: {str(error).splitlines()[0]}")
+            continue
+        if method == "loop":
+            notes.append(f"oracle: the loop oracle (torch.func could not run the model: {failures[0]})")
+        return result, None
+    notes.insert(0, "oracle failed: " + "; ".join(failures))
+    return None, "n/a (oracle failed)"

@@ -21,7 +21,7 @@ from truegrad_lightning.step import fix_statistics_, trainable_params
 
 __all__ = ["TrueGradCallback"]
 
-_BACKENDS = ("nn", "patch_torch", "patch_model", "backpack")
+_BACKENDS = ("auto", "nn", "patch_torch", "patch_model", "backpack")
 
 
 def _flattening_strategies() -> tuple[type, ...]:
@@ -127,7 +127,10 @@ class TrueGradCallback(Callback):
     batches (``extract_batch_size`` times the world size).
 
     Args:
-        backend: which truegrad backend converts the module.
+        backend: which truegrad backend prepares the module: ``"auto"`` (default; the
+            engine tracks every trainable parameter and follows the model's samples
+            through the forward), or one of the original library's doors into the same
+            engine (``"nn"``, ``"patch_torch"``, ``"patch_model"``), or ``"backpack"``.
         chunk_bytes: memory bound for per-sample intermediates
             (:mod:`truegrad.nn.settings`), applied while fitting; ``None`` keeps the
             process-wide setting.
@@ -141,8 +144,10 @@ class TrueGradCallback(Callback):
     Raises:
         ValueError: for an unknown ``backend``, a bad ``chunk_bytes`` or ``bitwise_grad``.
         MisconfigurationException: at ``setup`` for FSDP, DeepSpeed and other strategies
-            that flatten parameters; at ``on_fit_start`` when a :class:`TGAdamW` with
-            ``default_to_adam=False`` steps parameters the backend does not cover.
+            that flatten parameters; at ``on_fit_start`` (a reason the backend knows
+            before running, BackPack's) or at the first optimizer step (the engine decides
+            per use, in the forward) when a :class:`TGAdamW` with ``default_to_adam=False``
+            steps parameters that get no statistic, listing each with its reason.
 
     Example::
 
@@ -154,7 +159,7 @@ class TrueGradCallback(Callback):
 
     def __init__(
         self,
-        backend: Literal["nn", "patch_torch", "patch_model", "backpack"] = "patch_torch",
+        backend: Literal["auto", "nn", "patch_torch", "patch_model", "backpack"] = "auto",
         chunk_bytes: int | None = None,
         log_statistics: bool = False,
         bitwise_grad: bool | None = None,

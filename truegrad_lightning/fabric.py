@@ -33,7 +33,7 @@ def fix_statistics(
 
     Example::
 
-        backend = truegrad.backends.get_backend("patch_torch")
+        backend = truegrad.backends.get_backend("auto")
         handle = backend.prepare(model)                    # before fabric.setup
         model, optimizer = fabric.setup(model, TGAdamW(model.parameters()))
         for x, y in loader:

@@ -83,19 +83,20 @@ BERT_UNCOVERED = {
 }
 
 #: model -> (uncovered {param: reason}, covered params that get no statistic, params whose
-#: module sees another dim 0 than the batch, expected BackPack warnings)
+#: module's input does not carry the model's samples (refused in the forward, the reason
+#: recorded), expected BackPack warnings)
 CASES: dict[str, tuple[dict[str, str], set[str], set[str], set[type]]] = {
     "mlp": ({}, set(), set(), set()),
     "alexnet": ({}, set(), set(), set()),
     "grouped_cnn": ({}, set(), set(), set()),
     "resnet_eval": ({}, set(), set(), set()),
     "transformer": (TRANSFORMER_UNCOVERED, set(), set(), {bp.UncoveredParameterWarning}),
-    "gpt": (GPT_UNCOVERED, set(), {"wpe.weight"}, {bp.UncoveredParameterWarning, bp.BatchDimensionWarning}),
+    "gpt": (GPT_UNCOVERED, set(), {"wpe.weight"}, {bp.UncoveredParameterWarning}),
     # the pooler is not used by the loss (last_hidden_state): no gradient, no statistic;
-    # position_ids have batch dim 1 (one row broadcast over the batch)
+    # position_ids (1, T) and the token-type buffer expanded over the batch carry no samples
     "bert": (BERT_UNCOVERED, {"pooler.dense.weight", "pooler.dense.bias"},
-             {"embeddings.position_embeddings.weight"},
-             {bp.UncoveredParameterWarning, bp.BatchDimensionWarning}),
+             {"embeddings.position_embeddings.weight", "embeddings.token_type_embeddings.weight"},
+             {bp.UncoveredParameterWarning}),
 }
 
 
@@ -155,32 +156,74 @@ def test_zoo_model(case: str) -> None:
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
 
     have = {n for n, p in model.named_parameters() if statistic.has(p)}
-    assert have == set(names) - set(uncovered) - unused
+    assert have == set(names) - set(uncovered) - unused - other_dim0
+    after = BACKEND.coverage(model)
+    for name in other_dim0:
+        assert "its input does not carry the model's samples" in after[name], after[name]
     oracle = testing.sum_grad_squared_oracle(plain, entry.loss, inputs, targets)
-    checked = sorted(have - other_dim0)
+    checked = sorted(have)
     assert testing.compare_to_oracle(model, oracle, params=checked, check_grad=False) == []
     _assert_clean(model)
     handle.undo()
 
 
-def test_position_embedding_takes_positions_as_samples() -> None:
-    """``wpe(torch.arange(T))`` has dim 0 = positions: BackPack's (and CONTRACT's 'dim 0 of the
-    op's input') samples are the positions, so row t gets (sum over the batch of dy[:, t])**2."""
+def test_position_embedding_of_arange_gets_no_statistic() -> None:
+    """Finding 5 of the real-model review: ``wpe(torch.arange(T))`` (GPT-2's ``wpe``, the only
+    module of its size, so BackPack's own batch-size check never fired) got ``p.grad**2``.
+    Its input does not carry the model's samples: no statistic, the reason recorded, and the
+    rest of the model exact."""
     entry = ZOO["gpt"]
     model = entry.build()
     inputs, targets = entry.inputs(), entry.targets()
-    captured: list[torch.Tensor] = []
-
-    def capture(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        out.register_hook(captured.append)
-
-    model.wpe.register_forward_hook(capture)
+    plain = copy.deepcopy(model)
     with pytest.warns(bp.UncoveredParameterWarning):
         BACKEND.prepare(model)
-    with pytest.warns(bp.BatchDimensionWarning, match=r"8 for 'wpe' \(Embedding\)"):
-        _backward(model, lambda: entry.loss(model(inputs), targets))
-    (dy,) = captured
-    torch.testing.assert_close(model.wpe.weight.sum_grad_squared, dy.square(), rtol=1e-5, atol=1e-12)
+    _backward(model, lambda: entry.loss(model(inputs), targets))
+    assert model.wpe.weight.grad is not None and not statistic.has(model.wpe.weight)
+    assert BACKEND.coverage(model)["wpe.weight"].startswith(
+        "module 'wpe' (Embedding): its input does not carry the model's samples"
+    )
+    covered = [n for n, p in model.named_parameters() if statistic.has(p)]
+    assert "blocks.0.attn.qkv.weight" in covered
+    oracle = testing.sum_grad_squared_oracle(plain, entry.loss, inputs, targets)
+    assert testing.compare_to_oracle(model, oracle, params=covered, check_grad=False) == []
+
+
+def test_float64_embedding_is_refused_at_prepare_not_a_crash() -> None:
+    """Finding 5: BackPack's Embedding derivative builds a float32 helper and crashed on every
+    float64 model with an Embedding. The parameter is uncovered with the reason; the rest of
+    the model is exact."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    x = torch.randint(0, 10, (5, 3))
+    plain = copy.deepcopy(model)
+    assert "float64 Embedding" in BACKEND.coverage(model)["0.weight"]
+    with pytest.warns(bp.UncoveredParameterWarning, match="float64 Embedding"):
+        BACKEND.prepare(model)
+    _backward(model, lambda: model(x).square().sum())
+    assert not statistic.has(model[0].weight)
+    oracle = testing.sum_grad_squared_oracle(plain, lambda o, _: o.square().sum(), x)
+    assert testing.compare_to_oracle(model, oracle, params=["2.weight", "2.bias"]) == []
+
+
+def test_parameter_used_outside_its_module_gets_no_statistic() -> None:
+    """Finding 2/4 under BackPack: a tied weight also used as ``h @ emb.weight.T`` (or a
+    table read as ``.weight``) has a use BackPack never sees: no statistic, the op named."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.mix = nn.Linear(4, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.mix(self.emb(ids))) @ self.emb.weight.T
+
+    model = Tied()
+    BACKEND.prepare(model)
+    ids = torch.randint(0, 10, (3, 5))
+    _backward(model, lambda: model(ids).square().mean())
+    assert not statistic.has(model.emb.weight) and statistic.has(model.mix.weight)
+    assert "used by Tensor.T outside its module 'emb' (Embedding)" in BACKEND.coverage(model)["emb.weight"]
 
 
 def test_alexnet_seed_example(caplog: pytest.LogCaptureFixture) -> None:

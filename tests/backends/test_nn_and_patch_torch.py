@@ -177,7 +177,7 @@ def test_convert_keeps_parameters_state_dict_and_outputs_and_undo_restores_class
 
 
 def test_bad_input_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"unknown truegrad backend 'torch_nn'; valid choices: 'nn', 'patch_torch', 'patch_model', 'backpack'"):
+    with pytest.raises(ValueError, match=r"unknown truegrad backend 'torch_nn'; valid choices: 'auto', 'nn', 'patch_torch', 'patch_model', 'backpack'"):
         get_backend("torch_nn")
     with pytest.raises(TypeError, match=r"backend 'nn' needs a torch.nn.Module, got builtins.list"):
         get_backend("nn").prepare([torch.nn.Linear(2, 2)])  # type: ignore[arg-type]

@@ -31,15 +31,15 @@ RUNNABLE = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem != "multi_gpu
 # What each config must resolve to: (model class, backend of its TrueGradCallback or None,
 # optimizer class_path, extra trainer settings).
 EXPECTED = {
-    "digits_cnn": ("CNNClassifier", "patch_torch", "truegrad.optim.TGAdamW", {}),
+    "digits_cnn": ("CNNClassifier", "auto", "truegrad.optim.TGAdamW", {}),
     "digits_mlp": ("MLPClassifier", "nn", "truegrad.optim.TGAdamW", {}),
     "digits_backpack": ("CNNClassifier", "backpack", "truegrad.optim.TGAdamW", {}),
     "digits_adamw": ("CNNClassifier", None, "torch.optim.AdamW", {}),
-    "char_gpt": ("CharGPT", "patch_model", "truegrad.optim.TGAdamW", {}),
-    "ddp_cpu": ("CNNClassifier", "patch_torch", "truegrad.optim.TGAdamW", {"devices": 2, "strategy": "ddp"}),
-    "bf16": ("CNNClassifier", "nn", "truegrad.optim.TGAdamW", {"precision": "bf16-mixed"}),
+    "char_gpt": ("CharGPT", "auto", "truegrad.optim.TGAdamW", {}),
+    "ddp_cpu": ("CNNClassifier", "auto", "truegrad.optim.TGAdamW", {"devices": 2, "strategy": "ddp"}),
+    "bf16": ("CNNClassifier", "auto", "truegrad.optim.TGAdamW", {"precision": "bf16-mixed"}),
     "multi_gpu": (
-        "CharGPT", "patch_torch", "truegrad.optim.TGAdamW",
+        "CharGPT", "auto", "truegrad.optim.TGAdamW",
         {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "precision": "16-mixed"},
     ),
 }
@@ -194,10 +194,10 @@ def test_digits_cnn_reaches_95_percent(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_misspelt_backend_rejected_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(_config("digits_cnn")).read_text().replace("backend: patch_torch", "backend: patch_torh"))
+    bad.write_text(Path(_config("digits_cnn")).read_text().replace("backend: auto", "backend: autp"))
     err = _parse_error(["fit", "--config", str(bad)], capsys)
     assert 'Parser key "backend"' in err
-    assert "Literal['nn', 'patch_torch', 'patch_model', 'backpack']. Got value: patch_torh" in err
+    assert "Literal['auto', 'nn', 'patch_torch', 'patch_model', 'backpack']. Got value: autp" in err
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from truegrad import _bypass, _names, statistic
 from truegrad._optional import require
 from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
+from truegrad.engine import forward, samples
 
 __all__ = [
     "BackPackBackend",
@@ -171,6 +172,11 @@ def _instance_reason(module: torch.nn.Module, module_ext: Any) -> str | None:
         return f"padding={module.padding!r}: BackPack supports numeric padding only"
     if any(getattr(module, "output_padding", ())):
         return f"output_padding={module.output_padding}: BackPack's transposed convolution fails on it"
+    if isinstance(module, torch.nn.Embedding) and module.weight.dtype == torch.float64:
+        return (
+            "a float64 Embedding: BackPack's Embedding derivative builds a float32 helper "
+            "and fails on it (backend 'auto' is exact here)"
+        )
     check = getattr(getattr(module_ext, "derivatives", None), "_check_parameters", None)
     if check is not None:
         try:
@@ -225,7 +231,10 @@ def _coverage(model: torch.nn.Module) -> dict[str, str | None]:
             continue
         module_name, module, local = uses[0]
         reason = _module_reason(module, local)
-        result[name] = None if reason is None else f"module {_where(module_name, module)}: {reason}"
+        if reason is not None:
+            result[name] = f"module {_where(module_name, module)}: {reason}"
+        else:
+            result[name] = _REASON.get(param)
     return result
 
 
@@ -249,6 +258,42 @@ class _Hook:
         self.locals = locals_  # parameters whose result is kept (shared ones are not)
         self.state = state
         self.handle: torch.utils.hooks.RemovableHandle | None = None
+        self.pre_handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def enter(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: uses of the module's parameters are its own until it returns."""
+        if _HOOKED.get(module) is self:
+            _active_modules().append(module)
+
+    def _refuse(self, module: torch.nn.Module, why: str) -> None:
+        for local in self.locals:
+            param = getattr(module, local, None)
+            if param is not None:
+                _REFUSED[param] = f"module {_where(self.name, module)}: {why}"
+
+    def _check_input(self, module: torch.nn.Module, x: torch.Tensor) -> str | None:
+        """Why BackPack's dim-0 split of this module's input is not the model's samples."""
+        if module.__class__ is torch.nn.Embedding and module.weight.dtype == torch.float64:
+            return _instance_reason(module, None) or None
+        if not forward.in_call():
+            return None  # the module is called on its own: it is the model
+        tag = samples.layout_of(x)
+        if isinstance(tag, samples.Lost):
+            return tag.describe()
+        if tag is None:
+            return (
+                "its input does not carry the model's samples (positions such as "
+                "torch.arange(T), a table indexed without a batch): BackPack would take its "
+                "dim 0 as the samples"
+            )
+        if not tag.plain or tag.dim != 0:
+            if tag.n == 1:
+                return None
+            return (
+                f"its input carries the model's samples in {tag.describe()}, but BackPack "
+                "takes dim 0 of a module's input as the samples"
+            )
+        return None
 
     def __deepcopy__(self, memo: dict) -> _Hook:
         return self
@@ -256,9 +301,13 @@ class _Hook:
     def __call__(
         self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any
     ) -> None:
+        if _HOOKED.get(module) is not self:
+            return
+        stack = _active_modules()
+        if stack and stack[-1] is module:
+            stack.pop()
         if (
-            _HOOKED.get(module) is not self
-            or not torch.is_grad_enabled()
+            not torch.is_grad_enabled()
             or _bypass.bypassed()
             or torch._C._functorch.peek_interpreter_stack() is not None
         ):
@@ -268,6 +317,10 @@ class _Hook:
             return
         inputs = list(args) or [v for v in kwargs.values() if isinstance(v, torch.Tensor)][:1]
         if not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        why = self._check_input(module, inputs[0])
+        if why is not None:
+            self._refuse(module, why)
             return
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training:
             self._warn_batchnorm(module)
@@ -296,6 +349,47 @@ class _Hook:
 
 #: module -> its registered hook (weak keys: a dropped model takes its entries along).
 _HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: parameter -> why a forward since the last backward_context exit gave BackPack nothing to
+#: compute, or a use it does not see (weak keys); emptied by every flush
+_REFUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: parameter -> the reason it got no statistic from the last flush (for coverage)
+_REASON: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: parameter of a hooked module -> (module, its name) for the use check (weak keys)
+_WATCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_THREAD = threading.local()
+
+
+def _active_modules() -> list[torch.nn.Module]:
+    """Hooked modules whose forward is running in this thread (innermost last)."""
+    stack = getattr(_THREAD, "modules", None)
+    if stack is None:
+        stack = _THREAD.modules = []
+    return stack
+
+
+def _observe_use(func: Any, args: tuple, kwargs: dict, result: Any) -> None:
+    """Engine observer: an op that carries gradient from a watched parameter outside its own
+    module's forward (``h @ emb.weight.T``, a table read as ``.weight``) is a use BackPack
+    never sees, so the parameter must not get BackPack's number for this forward."""
+    if not _WATCHED or not torch.is_grad_enabled():
+        return
+    outs = [result] if isinstance(result, torch.Tensor) else (
+        [r for r in result if isinstance(r, torch.Tensor)] if isinstance(result, (tuple, list)) else []
+    )
+    if not any(o.requires_grad for o in outs):
+        return  # a query (.dtype, .shape), a detached read: not a use of the gradient
+    for value in (*args, *kwargs.values()):
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(t, torch.Tensor) or t not in _WATCHED:
+                continue
+            module, name = _WATCHED[t]
+            if any(m is module for m in _active_modules()):
+                continue
+            op = samples._name(func)
+            _REFUSED[t] = (
+                f"used by {op} outside its module {_where(name, module)}: BackPack computes "
+                "each module's own use only, and the statistic needs every use of the parameter"
+            )
 
 
 def _float(x: Any, dtype: torch.dtype) -> Any:
@@ -373,16 +467,26 @@ def _flush(keep: bool) -> None:
     with _LOCK:
         tasks = list(_PENDING.values())
         _PENDING.clear()
+        refused = dict(_REFUSED.items())
+        _REFUSED.clear()
     if not keep:
         return
+    for param, why in refused.items():
+        _REASON[param] = why
     shared: set[str] = set()
     sizes: list[str] = []
     for task in tasks:
         for param, value, uses in task.results.values():
             if uses > 1:
                 shared.add(_names.describe(param))
-            else:
+                _REASON[param] = (
+                    f"used {uses} times in one backward (a module called more than once): "
+                    "BackPack handles each use on its own, the statistic needs each sample's "
+                    "uses summed before squaring"
+                )
+            elif param not in refused:
                 statistic.add(param, value, owned=True)
+                _REASON.pop(param, None)
         if len(task.sizes) > 1:
             groups = sorted(task.sizes.items(), key=lambda item: -len(item[1]))
             sizes.append("; ".join(
@@ -468,16 +572,27 @@ class BackPackBackend(Backend):
             if not locals_:
                 continue
             hook = _Hook(module_name, locals_, state)
-            hook.handle = module.register_forward_hook(hook, with_kwargs=True)
+            hook.handle = module.register_forward_hook(hook, with_kwargs=True, always_call=True)
+            hook.pre_handle = module.register_forward_pre_hook(hook.enter, with_kwargs=True)
             _HOOKED[module] = hook
             hooked.append(module)
+            for local in locals_:
+                _WATCHED[getattr(module, local)] = (module, module_name)
+        forward.add_observer(_observe_use)
 
         def restore() -> None:
+            forward.remove_observer(_observe_use)
             for module in hooked:
                 hook = _HOOKED.get(module)
                 if hook is not None and hook.handle is not None:
                     hook.handle.remove()
+                    if hook.pre_handle is not None:
+                        hook.pre_handle.remove()
                     del _HOOKED[module]
+                for param in module.parameters(recurse=False):
+                    _WATCHED.pop(param, None)
+                    _REFUSED.pop(param, None)
+                    _REASON.pop(param, None)
             for _, module in switched:
                 module.inplace = True
 

@@ -131,10 +131,9 @@ def mark_prepared(model: torch.nn.Module, backend: str, handle: Handle) -> Handl
     """Record that ``backend`` is active on ``model`` until ``handle.undo()`` (and make its
     forward run eagerly under ``torch.compile``); returns ``handle``."""
     _PREPARED[model] = backend
-    if backend != "backpack":
-        from truegrad.engine import forward  # the engine imports truegrad.nn
+    from truegrad.engine import forward  # the engine imports truegrad.nn
 
-        handle.on_undo(forward.hook_model(model))
-        _run_eagerly(model, handle)
+    handle.on_undo(forward.hook_model(model))
+    _run_eagerly(model, handle)
     handle.on_undo(lambda: _PREPARED.pop(model, None) if _PREPARED.get(model) == backend else None)
     return handle

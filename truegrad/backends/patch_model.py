@@ -29,7 +29,7 @@ from truegrad import _names, parameter
 from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.parameter import TrueGradParameter
 
-__all__ = ["PatchModelBackend", "engine_coverage", "uncovered"]
+__all__ = ["AutoBackend", "PatchModelBackend", "engine_coverage", "uncovered"]
 
 
 
@@ -50,6 +50,15 @@ class PatchModelBackend(Backend):
         """``{name: None | reason}`` for every trainable parameter: ``None`` unless a forward
         has recorded why the parameter gets no statistic (or it is not prepared)."""
         return engine_coverage(model)
+
+
+class AutoBackend(PatchModelBackend):
+    """``backend="auto"``, the default: the engine on every trainable parameter, nothing else
+    changed (no module classes swapped, nothing patched globally). The same numbers as
+    ``"nn"``, ``"patch_torch"`` and ``"patch_model"``, which are the seed's doors into the
+    same engine."""
+
+    name = "auto"
 
 
 def engine_coverage(model: torch.nn.Module) -> dict[str, str | None]:

@@ -39,7 +39,8 @@ from truegrad import _bypass, _compat
 from truegrad.engine import samples
 
 __all__ = [
-    "Tracking", "acquire", "batch_size", "enter", "exit", "hook_model", "in_call", "track_module",
+    "Tracking", "acquire", "add_observer", "batch_size", "enter", "exit", "hook_model",
+    "in_call", "remove_observer", "track_module",
 ]
 
 _STATE = threading.local()
@@ -49,13 +50,35 @@ _OPEN = 0  # model calls in progress, in all threads, entered through the global
 _HOOKS: list[Any] = []
 
 
+#: callables ``observer(func, args, kwargs, result)`` told about every torch function of a
+#: model call after it ran (the BackPack backend checks where its modules' parameters are
+#: used); add and remove only
+_OBSERVERS: list[Callable[[Any, tuple, dict, Any], None]] = []
+
+
+def add_observer(observer: Callable[[Any, tuple, dict, Any], None]) -> None:
+    """Tell ``observer`` about every torch function of every model call (reference-counted:
+    add it once per user, remove it as often)."""
+    with _LOCK:
+        _OBSERVERS.append(observer)
+
+
+def remove_observer(observer: Callable[[Any, tuple, dict, Any], None]) -> None:
+    with _LOCK:
+        if observer in _OBSERVERS:
+            _OBSERVERS.remove(observer)
+
+
 class _Tracker(TorchFunctionMode):
     """Tags the outputs of every torch function of a model call (see the module docstring)."""
 
     def __torch_function__(self, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        func = getattr(func, "torch_function", func)  # a truegrad door: torch's own function
         result = func(*args, **kwargs)
-        samples.propagate(getattr(func, "torch_function", func), args, kwargs, result)
+        for observer in tuple(_OBSERVERS):
+            observer(func, args, kwargs, result)
+        samples.propagate(func, args, kwargs, result)
         return result
 
 

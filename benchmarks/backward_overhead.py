@@ -16,8 +16,8 @@ torch and every contender alike), so ratios scatter by +-15% from run to run; th
 setting removes that noise, as a GPU's caching allocator does. ``--malloc default``
 measures with glibc's defaults.
 
-Contenders: ``plain`` (torch, no statistic), the truegrad backends (``nn``,
-``patch_torch``, ``patch_model``, ``tg-backpack``: truegrad's BackPack backend), and the peers that
+Contenders: ``plain`` (torch, no statistic), the truegrad backends (``auto``, the default;
+``nn``, ``patch_torch``, ``patch_model``; ``tg-backpack``: truegrad's BackPack backend), and the peers that
 compute the same exact statistic: BackPack ``SumGradSquared``, Opacus
 ``GradSampleModule`` (``(grad_sample**2).sum(0)``) and ``torch.func`` (``vmap(grad)``).
 
@@ -121,14 +121,19 @@ def plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
     return step
 
 
-def truegrad_nn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
-    """The model's torch.nn layers swapped in place for their truegrad.nn classes."""
-    from truegrad import nn as tnn
+def truegrad_auto(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """The default backend: every trainable parameter tracked by the engine."""
+    from truegrad.backends import get_backend
 
-    for module in model.modules():
-        rule = tnn.REGISTRY.lookup(type(module))
-        if rule is not None:
-            module.__class__ = rule.module_type
+    get_backend("auto").prepare(model)
+    return plain(model, x, y)
+
+
+def truegrad_nn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn:
+    """The model's torch.nn layers converted in place to their truegrad.nn classes."""
+    from truegrad.backends import get_backend
+
+    get_backend("nn").prepare(model)
     return plain(model, x, y)
 
 
@@ -225,6 +230,7 @@ def torch_func_sgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepFn
 
 CONTENDERS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], StepFn]] = {
     "plain": plain,
+    "auto": truegrad_auto,
     "nn": truegrad_nn,
     "patch_torch": truegrad_patch_torch,
     "patch_model": truegrad_patch_model,
@@ -234,7 +240,7 @@ CONTENDERS: dict[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], StepFn]]
     "torch.func": torch_func_sgs,
 }
 PEERS = ("backpack", "opacus", "torch.func")
-OWN_BACKENDS = ("nn", "patch_torch", "patch_model")
+OWN_BACKENDS = ("auto", "nn", "patch_torch", "patch_model")
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -78,6 +78,7 @@ from truegrad.engine import door, forward, generic, samples
 from truegrad.nn.rules import base
 from truegrad.nn.rules import elementwise as _elementwise_rule
 from truegrad.nn.rules import matmul as _matmul_rule
+from truegrad.nn.rules import recurrent as _recurrent_rule
 
 __all__ = [
     "DerivedTensor",
@@ -234,8 +235,10 @@ def _kind(t: Any) -> str:
     if isinstance(t, (TrueGradParameter, DerivedTensor)):
         return "ours" if t.requires_grad else "const"
     tagged = samples.layout_of(t)
-    if tagged is not None and not isinstance(tagged, samples.Iota):
-        return "sample" if isinstance(tagged, samples.Layout) else "lost"
+    if isinstance(tagged, samples.Layout):
+        return "sample"
+    if isinstance(tagged, (samples.Lost, samples.Packed)):
+        return "lost"  # packed data: only the recurrent handler takes it (it reads the tag)
     in_call = forward.in_call()
     if t.requires_grad and not t.is_leaf and (in_call or t.dim() == 0):
         return "lost"  # it carries gradient from a computation whose samples were not followed
@@ -260,6 +263,8 @@ def _lost_reason(values: Any) -> str | None:
         tagged = samples.layout_of(t)
         if isinstance(tagged, samples.Lost):
             return tagged.describe()
+        if isinstance(tagged, samples.Packed):
+            return "it meets a PackedSequence's data, which only the recurrent layers take"
         if t.dim() == 0:
             return "it meets a 0-d tensor computed from the samples (a loss): no sample dimension"
         return (
@@ -897,6 +902,48 @@ def _functional(spec: _Functional, func: Callable[..., Any], args: tuple, kwargs
         return _unsupported(func, args, kwargs, ours, f"truegrad's rule refused it ({error})")
 
 
+def _recurrent(rule: Callable[..., Any], func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``torch.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu`` with tracked weights: the
+    recurrent rule, with the samples on the layer's batch dim (padded input) or in packed
+    data of the model's samples."""
+    ours = _ours_in(args, kwargs)
+    if not ours:
+        return _generic(func, args, kwargs)
+    if any(isinstance(q, DerivedTensor) for q in ours):
+        return _replayed(func, args, kwargs, ours, "its rule takes parameters")
+    packed = _recurrent_rule._is_packed(args, kwargs)
+    x = args[0] if args else kwargs.get("input", kwargs.get("data"))
+    layout: samples.Layout | None = None
+    detail = None
+    tagged = samples.layout_of(x)
+    if packed:
+        if not isinstance(tagged, samples.Packed) and forward.in_call():
+            detail = "its packed data is not packed from the model's samples"
+    else:
+        batch_first = args[8] if len(args) > 8 else kwargs.get("batch_first", False)
+        kind = _kind(x)
+        if kind == "lost":
+            detail = _lost_reason([x])
+        elif kind != "sample" or not isinstance(x, torch.Tensor) or x.dim() != 3:
+            detail = "its input does not carry the samples in a batched layout"
+        else:
+            layout = _layout(x)
+            want = 0 if batch_first else 1
+            if layout.n == 1:
+                layout = samples.Layout(want, 1)
+            elif not layout.plain or layout.dim != want:
+                detail = (f"the samples are in {layout.describe()} of its input, not in its batch "
+                          f"dim {want}")
+    if detail is not None:
+        return _unsupported(func, args, kwargs, ours, detail)
+    for param in ours:
+        _touch(param)
+    try:
+        return rule(*args, samples=layout, **kwargs)
+    except (ValueError, NotImplementedError) as error:
+        return _unsupported(func, args, kwargs, ours, f"truegrad's rule refused it ({error})")
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -963,6 +1010,8 @@ def _handlers() -> dict[Any, Callable[[Callable[..., Any], tuple, dict], Any]]:
         table[function] = _elementwise
     for function in _matmul_rule.MATMUL_OPS:
         table[function] = _matmul
+    for name in _recurrent_rule.__all__:  # torch.lstm & co. (what nn.LSTM's forward calls)
+        table[getattr(torch, name)] = functools.partial(_recurrent, getattr(_recurrent_rule, name))
     for name in tfunctional.__all__:
         # torch's function (also while patch_torch has replaced the name by truegrad's)
         original = getattr(_originals.F, name, None)

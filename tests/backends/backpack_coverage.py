@@ -324,8 +324,6 @@ BACKPACK_ABSENT: dict[str, dict[str, str]] = {
         "rnn.weight_ih_l*": "Batch axis must be first",
     },
     "lstm_packed": {
-        "head.bias": "the batch went through torch.sort",
-        "head.weight": "the batch went through torch.sort",
         "rnn.bias_hh_l0": "only bidirectional = False is supported",
         "rnn.bias_hh_l0_reverse": "does not compute",
         "rnn.bias_ih_l0": "only bidirectional = False is supported",

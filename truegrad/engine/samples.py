@@ -35,9 +35,10 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Iota",
     "Layout",
     "Lost",
+    "Packed",
+    "Perm",
     "Tag",
     "current_epoch",
     "layout_of",
@@ -64,12 +65,17 @@ def current_epoch() -> int:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Layout:
-    """Samples along dim ``dim``: index ``i`` of it belongs to sample ``(i // inner) % n``."""
+    """Samples along dim ``dim``: index ``i`` of it belongs to sample ``(i // inner) % n``.
+
+    ``order`` names the order the samples are in: ``()`` the model's, else the permutations
+    applied to it (``x.index_select(0, torch.sort(lengths).indices)`` of packed sequences).
+    Tensors whose samples are in different orders are never combined sample by sample."""
 
     dim: int
     n: int
     outer: int = 1
     inner: int = 1
+    order: tuple = ()
 
     @property
     def size(self) -> int:
@@ -81,6 +87,10 @@ class Layout:
 
     def at(self, dim: int) -> Layout:
         return dataclasses.replace(self, dim=dim)
+
+    def permuted(self, token: tuple) -> Layout:
+        """The layout after reordering the samples by the permutation ``token``."""
+        return dataclasses.replace(self, order=_compose(self.order, token))
 
     def group(self, t: torch.Tensor, keep: int = 0) -> torch.Tensor:
         """``t`` as ``(n, P, *t.shape[t.dim() - keep:])``: samples first, every other dim but
@@ -111,17 +121,52 @@ class Lost:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Iota:
-    """A constant whose values along dim ``dim`` are ``0 .. n-1`` (``torch.arange(N)``, maybe
-    viewed or expanded): it carries no samples itself, but indexing the samples' dim with it
-    (``x[torch.arange(N), i]``, Hugging Face's ``padding_mask[batch_idx, kv_idx]``) keeps
-    every sample in its place."""
+class Perm:
+    """An index tensor whose values along dim ``dim`` are a permutation of ``0 .. n-1``
+    (constant along its other dims): ``torch.arange(N)`` (``token == ()``), the indices of a
+    sort of N values, their inverse. It carries no samples itself, but indexing the samples'
+    dim with it (``x[torch.arange(N), i]``, Hugging Face's ``padding_mask[batch_idx,
+    kv_idx]``, ``x.index_select(0, sorted_indices)``) keeps every sample whole, in the order
+    the token names."""
 
     dim: int
     n: int
+    token: tuple = ()
 
 
-Tag = Layout | Lost | Iota
+@dataclasses.dataclass(frozen=True, slots=True)
+class Packed:
+    """The data of a ``PackedSequence`` of the model's samples: at each time step the rows
+    of the samples still running, in the sorted order ``order``."""
+
+    n: int
+    order: tuple = ()
+
+
+_PERMUTATIONS = itertools.count(1)
+
+
+def _fresh() -> tuple:
+    return (("p", next(_PERMUTATIONS)),)
+
+
+def _inverse(token: tuple) -> tuple:
+    return tuple(("q" if kind == "p" else "p", k) for kind, k in reversed(token))
+
+
+def _compose(order: tuple, token: tuple) -> tuple:
+    """``order`` followed by ``token``, a permutation and its inverse cancelling."""
+    result = list(order)
+    for step in token:
+        kind, k = step
+        if result and result[-1] == ("q" if kind == "p" else "p", k):
+            result.pop()
+        else:
+            result.append(step)
+    return tuple(result)
+
+
+Tag = Layout | Lost | Perm | Packed
 
 
 def layout_of(t: Any) -> Tag | None:
@@ -363,7 +408,7 @@ def _dim_op(keeps_dim: bool, dim_index: int = 1, dim_name: str = "dim", full_red
         dims = [_norm_dim(x, nd) for x in dims]
         if layout.dim in dims:
             raise _Fail
-        tags = []
+        tags: list = []
         for out in _outputs(result):
             if keeps_dim or out.dim() == nd:
                 tags.append(layout)
@@ -372,6 +417,13 @@ def _dim_op(keeps_dim: bool, dim_index: int = 1, dim_name: str = "dim", full_red
         return tags
 
     return rule
+
+
+def _perm_of(t: Any) -> Perm | None:
+    entry = getattr(t, _ATTRIBUTE, None) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] != current_epoch() or not isinstance(entry[1], Perm):
+        return None
+    return entry[1]
 
 
 def _narrowing(func: Any, args: tuple, kwargs: dict, result: Any, tagged: list) -> list:
@@ -393,7 +445,11 @@ def _narrowing(func: Any, args: tuple, kwargs: dict, result: Any, tagged: list) 
         dim = _arg(args, kwargs, 1, "dimension")
     dim = _norm_dim(dim, nd)
     if dim == layout.dim:
-        raise _Fail
+        index = _arg(args, kwargs, 2, "index")
+        perm = _perm_of(index) if name == "index_select" else None
+        if perm is None or perm.n != layout.n or not layout.plain or index.dim() != 1:
+            raise _Fail
+        return [layout.permuted(perm.token)]
     removes = name in ("unbind", "select")
     d = layout.dim - (1 if removes and dim < layout.dim else 0)
     return [layout.at(d) for _ in _outputs(result)]
@@ -496,8 +552,8 @@ def _where_index(source: torch.Tensor, index: Any, layout: Layout) -> Layout:
 
 
 def _advanced(source: torch.Tensor, index: Any, layout: Layout, tagged: list, out: torch.Tensor) -> Layout:
-    """``source[index]`` with advanced (tensor) indices where the samples' dim is indexed by an
-    :class:`Iota` (``x[torch.arange(N), positions]``): every output row stays one sample."""
+    """``source[index]`` with advanced (tensor) indices where the samples' dim is indexed by a
+    :class:`Perm` (``x[torch.arange(N), positions]``): every output row stays one sample."""
     items = list(index) if isinstance(index, tuple) else [index]
     if not layout.plain or any(i is None or isinstance(i, bool) for i in items):
         raise _Fail
@@ -516,8 +572,9 @@ def _advanced(source: torch.Tensor, index: Any, layout: Layout, tagged: list, ou
     if not isinstance(index_at, torch.Tensor):
         raise _Fail
     entry = getattr(index_at, _ATTRIBUTE, None)
-    if entry is None or entry[0] != current_epoch() or not isinstance(entry[1], Iota) or entry[1].n != layout.n:
+    if entry is None or entry[0] != current_epoch() or not isinstance(entry[1], Perm) or entry[1].n != layout.n:
         raise _Fail
+    token = entry[1].token
     tensors = [i if isinstance(i, torch.Tensor) else torch.as_tensor(i) for k, i in enumerate(expanded) if k in advanced]
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     k = entry[1].dim + len(shape) - index_at.dim()
@@ -530,7 +587,7 @@ def _advanced(source: torch.Tensor, index: Any, layout: Layout, tagged: list, ou
             raise _Fail
     adjacent = advanced == list(range(advanced[0], advanced[0] + len(advanced)))
     before = sum(1 for i in expanded[: advanced[0]] if isinstance(i, slice)) if adjacent else 0
-    result = Layout(before + k, layout.n)
+    result = Layout(before + k, layout.n, order=_compose(layout.order, token))
     if out.shape[result.dim] != layout.n:
         raise _Fail
     return result
@@ -936,8 +993,9 @@ def _build() -> dict[Any, Rule]:
     for name in ["lstm", "gru", "rnn_tanh", "rnn_relu"]:
         add(_recurrent, getattr(torch, name, None))
     for name in ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                 "randint_like"]:
-        add(_no_batch, getattr(torch, name, None))
+                 "randint_like", "zeros", "ones", "empty", "full", "rand", "randn", "randint",
+                 "eye", "tensor", "as_tensor"]:
+        add(_no_batch, getattr(torch, name, None))  # tensors among their arguments are sizes
     for name in ["new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "size", "dim",
                  "numel", "element_size", "nelement", "stride", "data_ptr", "is_contiguous",
                  "storage_offset", "untyped_storage", "is_floating_point", "is_complex",
@@ -1012,12 +1070,33 @@ def inputs_tagged(args: tuple, kwargs: dict) -> tuple[list[tuple[torch.Tensor, L
     return tagged, lost
 
 
-_IOTA_KEEPS = {"view", "reshape", "unsqueeze", "expand", "expand_as", "to", "contiguous", "clone",
+_PERM_KEEPS = {"view", "reshape", "unsqueeze", "expand", "expand_as", "to", "contiguous", "clone",
                "long", "int", "cpu", "cuda", "detach", "__getitem__", "view_as", "reshape_as"}
 
 
-def _iota(func: Any, args: tuple, kwargs: dict, outs: list) -> Iota | None:
-    """The :class:`Iota` tag of an op's only output, if it has one."""
+def _sorted_perm(func: Any, args: tuple, kwargs: dict, outs: list, tagged: list) -> list | None:
+    """``torch.sort`` / ``argsort`` of N values: the indices are a permutation of the samples
+    (a fresh :class:`Perm`); sorted values that carried the samples keep them, reordered."""
+    n = _current_batch()
+    source = _arg(args, kwargs, 0, "input")
+    if n is None or not isinstance(source, torch.Tensor) or source.dim() != 1 or source.shape[0] != n:
+        return None
+    if func not in (torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort):
+        return None
+    own = next((lay for t, lay in tagged if t is source), None)
+    if tagged and own is None:
+        return None
+    token = _fresh()
+    if func in (torch.argsort, torch.Tensor.argsort):
+        return [Perm(0, n, token)]
+    values = own.permuted(token) if own is not None and own.plain else None
+    return [values, Perm(0, n, token)]
+
+
+def _perm(func: Any, args: tuple, kwargs: dict, outs: list) -> Perm | None:
+    """The :class:`Perm` tag of an op's only output computed from no tensor that carries the
+    samples, if it has one: ``arange(N)``, ``randperm(N)``, the inverse of a permutation
+    (``empty_like(p).scatter_(0, p, arange(N))``), views and casts of one."""
     n = _current_batch()
     if n is None or len(outs) != 1:
         return None
@@ -1029,32 +1108,82 @@ def _iota(func: Any, args: tuple, kwargs: dict, outs: list) -> Iota | None:
             start = numbers[0] if len(numbers) >= 2 else kwargs.get("start", 0)
             step = numbers[2] if len(numbers) >= 3 else kwargs.get("step", 1)
             if start == 0 and step == 1:
-                return Iota(0, n)
+                return Perm(0, n)
         return None
-    if name not in _IOTA_KEEPS or not args or not isinstance(args[0], torch.Tensor):
+    if func is torch.randperm:
+        return Perm(0, n, _fresh()) if out.dim() == 1 and out.shape[0] == n else None
+    if func is torch.Tensor.scatter_ and len(args) >= 4 and _arg(args, kwargs, 1, "dim") == 0:
+        index, src = _perm_of(args[2]), _perm_of(args[3])
+        if index is not None and src is not None and src.token == () and out.dim() == 1 and out.shape[0] == index.n:
+            return Perm(0, index.n, _inverse(index.token))
         return None
-    entry = getattr(args[0], _ATTRIBUTE, None)
-    if entry is None or entry[0] != current_epoch() or not isinstance(entry[1], Iota):
+    if name not in _PERM_KEEPS or not args or not isinstance(args[0], torch.Tensor):
         return None
-    source, iota = args[0], entry[1]
-    if out.is_floating_point():
+    perm = _perm_of(args[0])
+    if perm is None or out.is_floating_point():
         return None
+    source = args[0]
     try:
         if name == "__getitem__":
-            moved = _where_index(source, args[1], Layout(iota.dim, iota.n))
-            return Iota(moved.dim, iota.n)
+            moved = _where_index(source, args[1], Layout(perm.dim, perm.n))
+            return Perm(moved.dim, perm.n, perm.token)
     except _Fail:
         return None
     if name in ("expand", "expand_as"):
-        pos = iota.dim + out.dim() - source.dim()
-        return Iota(pos, iota.n) if 0 <= pos < out.dim() and out.shape[pos] == iota.n else None
+        pos = perm.dim + out.dim() - source.dim()
+        return Perm(pos, perm.n, perm.token) if 0 <= pos < out.dim() and out.shape[pos] == perm.n else None
     if name in ("to", "contiguous", "clone", "long", "int", "cpu", "cuda", "detach"):
-        return iota
+        return perm
     # view / reshape / unsqueeze of an unexpanded one: only size-1 dims come and go
     real = [i for i, size in enumerate(out.shape) if size != 1]
-    if len(real) == 1 and out.shape[real[0]] == iota.n and source.numel() == iota.n:
-        return Iota(real[0], iota.n)
+    if len(real) == 1 and out.shape[real[0]] == perm.n and source.numel() == perm.n:
+        return Perm(real[0], perm.n, perm.token)
     return None
+
+
+def _packed_tag(t: Any) -> Packed | None:
+    entry = getattr(t, _ATTRIBUTE, None) if isinstance(t, torch.Tensor) else None
+    if entry is None or entry[0] != current_epoch() or not isinstance(entry[1], Packed):
+        return None
+    return entry[1]
+
+
+def _packing(func: Any, args: tuple, kwargs: dict, outs: list, tagged: list) -> list | None:
+    """Packed sequences: ``_pack_padded_sequence`` of the model's samples gives
+    :class:`Packed` data, a recurrent op on it gives packed data and states over the samples,
+    and ``_pad_packed_sequence`` gives them back padded (``None``: not one of these ops)."""
+    if func is getattr(torch, "_pack_padded_sequence", None):
+        source, batch_first = args[0], bool(_arg(args, kwargs, 2, "batch_first", False))
+        own = next((lay for t, lay in tagged if t is source), None)
+        if own is None:  # (the lengths may carry the samples: they only make batch_sizes)
+            return [None for _ in outs] if not tagged else [Lost(_name(func))] * len(outs)
+        if not own.plain or own.dim != (0 if batch_first else 1):
+            return [Lost(_name(func))] * len(outs)
+        return [Packed(own.n, own.order), None]
+    if func is getattr(torch, "_pad_packed_sequence", None):
+        packed = _packed_tag(args[0])
+        if packed is None:
+            return None
+        batch_first = bool(_arg(args, kwargs, 2, "batch_first", False))
+        padded = Layout(0 if batch_first else 1, packed.n, order=packed.order)
+        return [padded, None]
+    if func in _RECURRENT and len(args) > 1 and isinstance(args[1], torch.Tensor) and (
+        args[1].dtype == torch.int64 and args[1].dim() == 1
+    ):
+        packed = _packed_tag(args[0])
+        if packed is None:
+            return None
+        state = Layout(1, packed.n, order=packed.order)
+        hx = args[2]
+        for h in (hx if isinstance(hx, (list, tuple)) else (hx,)):
+            lay = next((lay for t, lay in tagged if t is h), None)
+            if lay is not None and lay != state:
+                return [Lost(_name(func))] * len(outs)
+        return [Packed(packed.n, packed.order)] + [state] * (len(outs) - 1)
+    return None
+
+
+_RECURRENT = {getattr(torch, name) for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 
 
 def _current_batch() -> int | None:
@@ -1069,19 +1198,31 @@ def propagate(func: Any, args: tuple, kwargs: dict, result: Any) -> None:
     if not outs and func is not torch.Tensor.__setitem__:
         return
     tagged, lost = inputs_tagged(args, kwargs)
+    special = _packing(func, args, kwargs, outs, tagged) if lost is None else None
+    if special is None and lost is None:
+        if any(_packed_tag(t) is not None for v in (*args, *kwargs.values()) for t in _tensors(v)):
+            lost = Lost(f"{_name(func)} on a PackedSequence's data")  # only the rules above read it
+        else:
+            special = _sorted_perm(func, args, kwargs, outs, tagged)
+    if special is not None:
+        for out, value in zip(outs, special):
+            tag(out, value)
+        return
     if not tagged and lost is None:
-        for out in outs:  # an in-place op on a tensor that carried a stale tag
-            if getattr(out, _ATTRIBUTE, None) is not None and any(out is a for a in args[:1]):
-                tag(out, None)
-        iota = _iota(func, args, kwargs, outs)
-        if iota is not None:
-            tag(outs[0], iota)
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and outs and args and outs[0] is args[0]:
+            # an in-place op that writes constants into a tensor: whatever it carried is gone
+            if isinstance(layout_of(outs[0]), (Layout, Lost, Packed)):
+                tag(outs[0], None)
+        perm = _perm(func, args, kwargs, outs)
+        if perm is not None:
+            tag(outs[0], perm)
         return
     if lost is not None:
         for out in outs:
             tag(out, lost)
         return
-    if all(lay.n == 1 for _, lay in tagged):  # one sample: everything computed from it is it
+    if tagged and all(lay.n == 1 for _, lay in tagged):  # one sample: everything from it is it
         for out in outs:
             tag(out, Layout(0, 1))
         if func is torch.Tensor.__setitem__:

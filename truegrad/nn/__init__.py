@@ -14,15 +14,17 @@ from truegrad.nn.modules import conv as _conv
 from truegrad.nn.modules import embedding as _embedding
 from truegrad.nn.modules import linear as _linear
 from truegrad.nn.modules import normalization as _normalization
+from truegrad.nn.modules import recurrent as _recurrent
 from truegrad.nn.modules.activation import *  # noqa: F401,F403
 from truegrad.nn.modules.bilinear import *  # noqa: F401,F403
 from truegrad.nn.modules.conv import *  # noqa: F401,F403
 from truegrad.nn.modules.embedding import *  # noqa: F401,F403
 from truegrad.nn.modules.linear import *  # noqa: F401,F403
 from truegrad.nn.modules.normalization import *  # noqa: F401,F403
+from truegrad.nn.modules.recurrent import *  # noqa: F401,F403
 from truegrad.nn.rules.registry import Registry, Rule
 
-_FAMILIES = (_linear, _bilinear, _conv, _embedding, _normalization, _activation)
+_FAMILIES = (_linear, _bilinear, _conv, _embedding, _normalization, _activation, _recurrent)
 
 #: Every covered ``torch.nn`` type and its ``truegrad.nn`` replacement.
 REGISTRY = Registry(rule for family in _FAMILIES for rule in family.RULES)

@@ -77,6 +77,7 @@ from truegrad._weakid import WeakIdMap
 from truegrad.engine import door, forward, generic, samples
 from truegrad.nn.rules import base
 from truegrad.nn.rules import elementwise as _elementwise_rule
+from truegrad.nn.rules import linear as _linear_rule
 from truegrad.nn.rules import matmul as _matmul_rule
 from truegrad.nn.rules import recurrent as _recurrent_rule
 
@@ -672,6 +673,41 @@ def _elementwise(func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     return result
 
 
+def _as_linear(
+    kind: str, func: Callable[..., Any], args: tuple, kwargs: dict, c: Any, ka: str, kb: str,
+    kbias: str,
+) -> Any:
+    """``x @ W``, ``torch.mm(x, W)``, ``torch.addmm(b, x, W)`` with ``W`` a tracked parameter
+    ``(in, out)`` and ``x`` carrying the samples in its leading dims: the Linear rule (its
+    weight gradient formed from the per-sample products it forms anyway, not a second
+    matmul), bitwise the same forward. ``None``: not such a call."""
+    if kind not in ("matmul", "mm", "addmm") or ka != "sample" or kb != "ours":
+        return None
+    w, x = c.b, c.a
+    if not isinstance(w, TrueGradParameter) or w.dim() != 2 or not isinstance(x, torch.Tensor):
+        return None
+    if x.dim() < 2 or c.alpha != 1 or c.beta != 1:
+        return None
+    layout = _layout(x)
+    if layout.dim >= x.dim() - 1:
+        return None  # the samples are in the contracted dim
+    bias = c.bias
+    if bias is not None and (
+        kbias not in ("ours", "const") or isinstance(bias, DerivedTensor)
+        or not isinstance(bias, torch.Tensor) or bias.dim() != 1 or kwargs
+    ):
+        return None
+    if kind == "addmm":
+        op = _originals.T.addmm
+    else:
+        op = _originals.T.mm if kind == "mm" else _originals.T.matmul
+    _touch(w)
+    if bias is not None and kbias == "ours":
+        _touch(bias)
+    with _NoSubclass():
+        return _linear_rule.product(op, x, w, bias, samples=layout)
+
+
 def _matmul(func: Callable[..., Any], args: tuple, kwargs: dict, kind: str | None = None) -> Any:
     kind = kind or _matmul_rule.MATMUL_OPS[func]
     c = _matmul_rule.contraction(kind, args, kwargs)
@@ -692,6 +728,9 @@ def _matmul(func: Callable[..., Any], args: tuple, kwargs: dict, kind: str | Non
     if ka == "sample" and kb == "sample":
         detail = "both factors carry the samples"
         return _unsupported(func, args, kwargs, ours, detail)
+    fast = _as_linear(kind, func, args, kwargs, c, ka, kb, kbias)
+    if fast is not None:
+        return fast
     result = func(*args, **kwargs)
     x_index = 0 if ka == "sample" else 1
     x = c.operands[x_index]

@@ -92,15 +92,21 @@ def add(param: torch.Tensor, contribution: torch.Tensor, *, owned: bool = False)
         current.add_(contribution.detach().to(device=current.device, dtype=dtype))
 
 
-def add_sum_of_squares(param: torch.Tensor, per_sample: torch.Tensor) -> None:
+def add_sum_of_squares(param: torch.Tensor, per_sample: torch.Tensor, *, owned: bool = False) -> None:
     """Add ``sum_n per_sample[n] ** 2`` (computed in float32 or better) to the statistic.
 
     Args:
         param: the parameter.
         per_sample: per-sample gradients of shape ``(N, *param.shape)``.
+        owned: nobody else reads ``per_sample``: it is squared in place.
     """
     dtype = statistic_dtype(param.dtype)
-    add(param, per_sample.detach().to(dtype).square().sum(0), owned=True)
+    values = per_sample.detach()
+    if owned and values.dtype == dtype:
+        squares = values.square_()
+    else:
+        squares = values.to(dtype).square()
+    add(param, squares.sum(0), owned=True)
 
 
 def scale_(params: Iterable[torch.Tensor], factor: float | torch.Tensor) -> None:

@@ -725,17 +725,34 @@ def test_weight_norm_parametrization_is_exact() -> None:
 
 
 def test_second_backward_through_a_retained_graph_gives_no_statistic() -> None:
-    """The operands kept for the statistic are released after the first backward (as torch
-    releases its saved tensors); a second backward through the retained graph cannot be
-    split, so the parameter ends without a statistic and says why."""
+    """The operands an elementwise use keeps for the statistic are released after the first
+    backward (as torch releases its saved tensors); a second backward through the retained
+    graph cannot be split, so the parameter ends without a statistic and says why."""
     torch.manual_seed(0)
-    model = Lambda(lambda x, w: x @ w, (4, 3))
+    model = Lambda(lambda x, w: x * w, (4,))
     patch_model(model)
     loss = model(torch.randn(6, 4)).pow(2).mean()
     loss.backward(retain_graph=True)
     assert statistic.get(model.p0) is not None
     loss.backward()
     assert statistic.get(model.p0) is None and "retain_graph" in uncovered(model)["p0"]
+
+
+def test_second_backward_through_a_retained_product_adds_up() -> None:
+    """A product ``x @ W`` runs the Linear rule, whose saved tensors are retained with the
+    graph: the second backward adds its statistic exactly as it adds to ``p.grad``."""
+    torch.manual_seed(0)
+    model = Lambda(lambda x, w: x @ w, (4, 3))
+    plain = testing.plain_copy(model)
+    patch_model(model)
+    x = torch.randn(6, 4)
+    loss = model(x).pow(2).mean()
+    loss.backward(retain_graph=True)
+    once = statistic.get(model.p0).clone()
+    loss.backward()
+    torch.testing.assert_close(statistic.get(model.p0), 2 * once)
+    expected = testing.sum_grad_squared_oracle(plain, lambda o, _: o.pow(2).mean(), x)
+    torch.testing.assert_close(once, expected.sum_grad_squared["p0"], rtol=1e-4, atol=1e-7)
 
 
 def test_ddp_on_a_patched_model(tmp_path: Any) -> None:

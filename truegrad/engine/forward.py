@@ -78,7 +78,10 @@ class _Tracker(TorchFunctionMode):
         result = func(*args, **kwargs)
         for observer in tuple(_OBSERVERS):
             observer(func, args, kwargs, result)
-        samples.propagate(func, args, kwargs, result)
+        try:
+            samples.propagate(func, args, kwargs, result)
+        except Exception:  # noqa: BLE001 - following the samples must never break a forward
+            samples.lose(func, result)
         return result
 
 

@@ -1244,6 +1244,15 @@ def propagate(func: Any, args: tuple, kwargs: dict, result: Any) -> None:
         tag(out, value)
 
 
+def lose(func: Any, result: Any) -> None:
+    """Mark the outputs of ``func`` as :class:`Lost` (its rule could not run on them)."""
+    for out in _outputs(result):
+        try:
+            tag(out, Lost(_name(func)))
+        except Exception:  # noqa: BLE001 - a tensor that takes no attribute: leave it
+            pass
+
+
 def output_layout(func: Any, args: tuple, kwargs: dict, result: torch.Tensor) -> Tag | None:
     """The tag :func:`propagate` gives the tensor ``result`` (also sets it)."""
     propagate(func, args, kwargs, result)

@@ -183,7 +183,7 @@ def _finalize(param: torch.Tensor) -> None:
     if state is None or state.pending is None:
         return
     pending, state.pending = state.pending, None
-    statistic.add_sum_of_squares(param, pending)
+    statistic.add_sum_of_squares(param, pending, owned=True)
 
 
 def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:
@@ -271,6 +271,7 @@ def contribute(
     with_grad: bool = False,
     squared_takes_out: bool = False,
     sample_numel: int = 0,
+    accumulate: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Add ``sum_n g_n**2`` of one use of ``param`` to its statistic (see module docstring).
 
@@ -291,6 +292,9 @@ def contribute(
             statistic reuses the buffer of the last one (``statistic.reusable_buffer``).
         sample_numel: elements ``per_sample`` forms per sample on the way (when more than
             the parameter's: the gradient of a tensor computed from it), for the chunk bound.
+        accumulate: optional ``accumulate(pending)`` adding this use's per-sample gradients
+            into ``pending (N, *param.shape)`` in place, for a parameter used several times
+            (an embedding's rows: far cheaper than forming them densely to add them).
 
     Returns:
         With ``with_grad``, when the per-sample gradients of all N samples were formed
@@ -315,9 +319,20 @@ def contribute(
         pending_bytes = n_samples * param.numel() * 4
         same_n = state.pending is None or state.pending.shape[0] == n_samples
         if pending_bytes <= settings.chunk_bytes and same_n:
-            grads = per_sample(0, n_samples)
-            grad = grads.sum(0) if with_grad else None
-            state.pending = grads.clone() if state.pending is None else state.pending.add_(grads)
+            grad = None
+            if accumulate is not None:  # sparse per-sample gradients added where they belong
+                if state.pending is None:
+                    state.pending = torch.zeros(
+                        (n_samples, *param.shape), dtype=stat_dtype(param), device=param.device
+                    )
+                accumulate(state.pending)
+            else:
+                grads = per_sample(0, n_samples)
+                grad = grads.sum(0) if with_grad else None
+                if state.pending is None:  # a dense copy the later uses add into
+                    state.pending = grads.clone(memory_format=torch.contiguous_format)
+                else:
+                    state.pending.add_(grads)
             if others == 0:
                 _finalize(param)
             return grad

@@ -194,12 +194,18 @@ def _embedding_statistic(ctx: Any, input: torch.Tensor, grad_output: torch.Tenso
         part = slice(s * per, e * per)
         return _dense_per_sample(sample[part], ids[part], values[part], num_rows, s, e)
 
+    def accumulate(pending: torch.Tensor) -> None:
+        """Each entry's row added to its sample's slice of ``pending (n, V, D)``."""
+        flat = pending.view(n * num_rows, dim)
+        flat.index_add_(0, sample * num_rows + ids, values.to(flat.dtype))
+
     base.contribute(
         ctx.weight_param,
         n,
         per_sample,
         lambda: _grouped_squares(sample, ids, values, num_rows),
         ctx=ctx,
+        accumulate=accumulate,
     )
 
 

@@ -18,6 +18,7 @@ own backward uses (bitwise torch's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +32,11 @@ __all__ = ["linear"]
 
 
 class LinearFunction(torch.autograd.Function):
-    """``F.linear`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
+    """``F.linear`` whose backward also writes ``sum_grad_squared`` of weight and bias.
+
+    With ``product`` given, the weight is ``(in_features, out_features)`` and the forward is
+    that product as the model called it: ``torch.addmm(bias, input, weight)`` (Hugging Face
+    GPT-2's ``Conv1D``) or ``input @ weight`` (``torch.mm``/``matmul``), bitwise torch's."""
 
     generate_vmap_rule = True
 
@@ -42,14 +47,18 @@ class LinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         granularity: str,
         samples: Layout | None,
+        product: Callable[..., torch.Tensor] | None,
     ) -> torch.Tensor:
-        return F.linear(input, weight, bias)
+        if product is None:
+            return F.linear(input, weight, bias)
+        return product(input, weight) if bias is None else product(bias, input, weight)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, bias, granularity, samples = inputs
+        input, weight, bias, granularity, samples, product = inputs
         ctx.save_for_backward(input, weight)
         ctx.samples = samples
+        ctx.in_out = product is not None  # the weight is (in_features, out_features)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.compute_dtype = output.dtype
         ctx.granularity = granularity
@@ -64,23 +73,25 @@ class LinearFunction(torch.autograd.Function):
         dtype = ctx.compute_dtype
         grad_input = grad_weight = grad_bias = None
         needs_input, needs_weight, needs_bias, *_ = ctx.needs_input_grad
-        out_features, in_features = weight.shape
+        weight_oi = weight.t() if ctx.in_out else weight  # (out_features, in_features)
+        out_features, in_features = weight_oi.shape
         if needs_input:
-            grad_input = grad_output @ base.cast(weight, dtype)
+            grad_input = grad_output @ base.cast(weight_oi, dtype)
         if ctx.weight_param is not None or ctx.bias_param is not None:
             grad_weight, grad_bias = _statistic(ctx, input, grad_output, weight.dtype)
         if (needs_weight and grad_weight is None) or (needs_bias and grad_bias is None):
             dy = grad_output if grad_output.dim() == 2 else grad_output.reshape(-1, out_features)
             if needs_weight and grad_weight is None:
                 x = base.cast(input, dtype)
-                grad_weight = dy.t() @ (x if x.dim() == 2 else x.reshape(-1, in_features))
+                x = x if x.dim() == 2 else x.reshape(-1, in_features)
+                grad_weight = x.t() @ dy if ctx.in_out else dy.t() @ x  # torch's own product
             if needs_bias and grad_bias is None:
                 grad_bias = dy.sum(0)
         if grad_weight is not None:
             grad_weight = base.cast(grad_weight, weight.dtype)
         if grad_bias is not None:
             grad_bias = base.cast(grad_bias, ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def _statistic(
@@ -102,14 +113,23 @@ def _statistic(
             return _paired_statistic(ctx, dy, x)
         n = dy.shape[0]
         dy2 = _square(dy, "linear.dy2")
-        base.contribute(
-            ctx.weight_param,
-            n,
-            lambda s, e: dy[s:e, :, None] * x[s:e, None, :],
-            lambda out: torch.mm(dy2.t(), _square(x, "linear.x2"), out=out),
-            ctx=ctx,
-            squared_takes_out=True,
-        )
+        if ctx.in_out:  # the weight is (in, out): the products transposed
+            base.contribute(
+                ctx.weight_param,
+                n,
+                lambda s, e: x[s:e, :, None] * dy[s:e, None, :],
+                lambda: torch.mm(_square(x, "linear.x2").t(), dy2),
+                ctx=ctx,
+            )
+        else:
+            base.contribute(
+                ctx.weight_param,
+                n,
+                lambda s, e: dy[s:e, :, None] * x[s:e, None, :],
+                lambda out: torch.mm(dy2.t(), _square(x, "linear.x2"), out=out),
+                ctx=ctx,
+                squared_takes_out=True,
+            )
         base.contribute(ctx.bias_param, n, lambda s, e: dy[s:e], lambda: dy2.sum(0), ctx=ctx)
         return None, None
     n = input.shape[0]
@@ -117,6 +137,9 @@ def _statistic(
     x3 = base.cast(input.reshape(n, -1, in_features), sdt)
 
     def per_sample_weight(s: int, e: int) -> torch.Tensor:
+        if ctx.in_out:  # the weight is (in, out): x_n^T dy_n, contiguous in its layout
+            out = base.scratch((e - s, in_features, out_features), sdt, dy3.device)
+            return torch.bmm(x3[s:e].transpose(1, 2), dy3[s:e], out=out)
         out = base.scratch((e - s, out_features, in_features), sdt, dy3.device)
         return torch.bmm(dy3[s:e].transpose(1, 2), x3[s:e], out=out)
 
@@ -143,6 +166,7 @@ def _paired(ctx: Any, dy: torch.Tensor, x: torch.Tensor, sdt: torch.dtype) -> bo
     weight = ctx.weight_param
     return (
         weight is not None
+        and not ctx.in_out
         and weight.grad is None
         and not settings.bitwise_grad
         and ctx.compute_dtype == sdt
@@ -220,4 +244,22 @@ def linear(
     if not base.should_track(weight, bias):
         return F.linear(input, weight, bias)
     granularity = settings.resolve_granularity(granularity)
-    return base.apply(LinearFunction, input, weight, bias, granularity, samples)
+    return base.apply(LinearFunction, input, weight, bias, granularity, samples, None)
+
+
+def product(
+    op: Callable[..., torch.Tensor],
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    samples: Layout | None = None,
+) -> torch.Tensor:
+    """``op(input, weight)`` or ``op(bias, input, weight)`` for a weight of shape
+    ``(in_features, out_features)``: ``torch.addmm(bias, x, W)`` (Hugging Face GPT-2's
+    ``Conv1D``), ``x @ W``, ``torch.mm(x, W)``, computed exactly as ``op`` computes it, with
+    the Linear rule's backward (per-sample products summed over each sample's positions,
+    the weight gradient formed from them). Internal to the engine (the caller checks that
+    ``op`` is such a product with ``alpha == beta == 1``)."""
+    granularity = settings.resolve_granularity(None)
+    return base.apply(LinearFunction, input, weight, bias, granularity, samples, op)

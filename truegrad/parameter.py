@@ -897,6 +897,35 @@ class _Functional:
         return arguments
 
 
+def _linear_fast(spec: _Functional, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``F.linear(x, W[, b])``, the most common call, without the general binding: tracked
+    parameters, ``x`` carrying the samples in its leading dims. Anything else: the general
+    path (:func:`_functional`)."""
+    if not kwargs and 2 <= len(args) <= 3:
+        x, w = args[0], args[1]
+        b = args[2] if len(args) == 3 else None
+        if (
+            type(w) is TrueGradParameter
+            and (b is None or type(b) is TrueGradParameter)
+            and type(x) is torch.Tensor
+            and w.requires_grad
+            and (b is None or b.requires_grad)
+        ):
+            layout = samples.layout_of(x)
+            if (
+                isinstance(layout, samples.Layout)
+                and layout.dim < x.dim() - 1
+                and (forward.in_call() or layout.n == x.shape[0])
+            ):
+                if _POISON:
+                    _touch(w)
+                    if b is not None:
+                        _touch(b)
+                granularity = door.options().get("granularity")
+                return _linear_rule.linear(x, w, b, granularity=granularity, samples=layout)
+    return _functional(spec, func, args, kwargs)
+
+
 def _functional(spec: _Functional, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     arguments = spec.bind(args, kwargs)
     if arguments is None:
@@ -1058,7 +1087,8 @@ def _handlers() -> dict[Any, Callable[[Callable[..., Any], tuple, dict], Any]]:
             continue
         rule = getattr(tfunctional, name).rule  # the rule itself, not its door
         spec = _Functional.of(name, rule)
-        table[original] = functools.partial(_functional, spec)
+        handler = _linear_fast if name == "linear" else _functional
+        table[original] = functools.partial(handler, spec)
     _HANDLERS.update(table)
     return _HANDLERS
 

@@ -76,6 +76,11 @@ class _Tracker(TorchFunctionMode):
         kwargs = kwargs or {}
         func = getattr(func, "torch_function", func)  # a truegrad door: torch's own function
         result = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            # Nothing recorded for backward (inside a rule's own forward, optimizer updates): a
+            # tensor made here and used later reads as a constant, which the engine handles
+            # exactly (a computation on parameters meeting the samples later) or refuses.
+            return result
         for observer in tuple(_OBSERVERS):
             observer(func, args, kwargs, result)
         try:

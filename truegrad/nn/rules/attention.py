@@ -111,7 +111,7 @@ def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(flat, (0, 0, 0, rows - flat.shape[0])) if flat.shape[0] < rows else flat
 
 
-class InProjectionFunction(torch.autograd.Function):
+class InProjectionFunction(base.RuleFunction):
     """The q/k/v in-projection of torch's ``multi_head_attention_forward`` as one use of each
     parameter.
 
@@ -263,7 +263,7 @@ def _in_projection_statistic(ctx: Any, products: list[tuple[torch.Tensor, torch.
     )
 
 
-class AppendBiasFunction(torch.autograd.Function):
+class AppendBiasFunction(base.RuleFunction):
     """``bias (1, 1, E)`` repeated over the batch: ``bias.repeat(1, N, 1)``, ``(1, N, E)``.
 
     Sample n's gradient is its column of the output gradient, ``g_n = grad[0, n]``, so the
@@ -308,7 +308,7 @@ def _repeat_bias(bias: torch.Tensor, batch_size: int) -> torch.Tensor:
     return base.apply(AppendBiasFunction, bias, batch_size)
 
 
-class OutProjectionFunction(torch.autograd.Function):
+class OutProjectionFunction(base.RuleFunction):
     """``F.linear`` on the ``(L * N, E)`` rows of torch's attention output, rows ordered
     ``(l, n)``: sample n is every ``batch_size``-th row, starting at row n."""
 

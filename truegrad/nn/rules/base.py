@@ -41,6 +41,7 @@ from truegrad.engine.samples import Layout
 from truegrad.nn import settings
 
 __all__ = [
+    "RuleFunction",
     "apply",
     "cast",
     "contribute",
@@ -81,6 +82,34 @@ def should_track(*params: torch.Tensor | None) -> bool:
         and not _bypass.bypassed()
         and any(tracked(p) is not None for p in params)
     )
+
+
+_NoSubclass = torch._C.DisableTorchFunctionSubclass
+
+
+class RuleFunction(torch.autograd.Function):
+    """Base of every rule's autograd Function: its ``setup_context`` and ``backward`` run
+    with tensor-subclass dispatch off, so that reading a tracked parameter's attributes and
+    using it in torch ops there costs a plain tensor's price (the engine's
+    ``TrueGradParameter.__torch_function__`` has nothing to do in a rule)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("setup_context", "backward"):
+            method = cls.__dict__.get(name)
+            if isinstance(method, staticmethod):
+                setattr(cls, name, staticmethod(_without_subclass(method.__func__)))
+
+
+def _without_subclass(function: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        with _NoSubclass():
+            return function(*args)
+
+    wrapped.__name__ = function.__name__
+    wrapped.__qualname__ = function.__qualname__
+    wrapped.__doc__ = function.__doc__
+    return wrapped
 
 
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead

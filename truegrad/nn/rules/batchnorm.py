@@ -99,7 +99,7 @@ def _running_invstd(running_var: torch.Tensor, eps: float, dtype: torch.dtype) -
 # --------------------------------------------------------------------------- BatchNorm
 
 
-class BatchNormFunction(torch.autograd.Function):
+class BatchNormFunction(base.RuleFunction):
     """``torch.batch_norm`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
 
     generate_vmap_rule = True
@@ -222,7 +222,7 @@ def _repeat(t: torch.Tensor | None, times: int) -> torch.Tensor | None:
     return None if t is None else t.repeat(times)
 
 
-class InstanceNormFunction(torch.autograd.Function):
+class InstanceNormFunction(base.RuleFunction):
     """``torch.instance_norm`` whose backward also writes ``sum_grad_squared`` of its parameters."""
 
     generate_vmap_rule = True

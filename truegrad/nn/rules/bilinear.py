@@ -35,7 +35,7 @@ __all__ = ["bilinear"]
 _EXPAND1, _EXPAND2, _EXPAND3, _SUMDIM = [1, 3], [0], [1, 2], [2, 3]
 
 
-class BilinearFunction(torch.autograd.Function):
+class BilinearFunction(base.RuleFunction):
     """``F.bilinear`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
 
     generate_vmap_rule = True

@@ -67,7 +67,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-class ConvFunction(torch.autograd.Function):
+class ConvFunction(base.RuleFunction):
     """``aten.convolution`` (through ``F.conv*``, so autocast applies) whose backward also
     writes ``sum_grad_squared`` of weight and bias. ``input`` is batched ``(N, C, *S)`` and
     ``padding`` is a list of ints (callers resolve strings and padding modes)."""

@@ -111,7 +111,7 @@ def _dense_per_sample(
 # --------------------------------------------------------------------------- embedding
 
 
-class EmbeddingFunction(torch.autograd.Function):
+class EmbeddingFunction(base.RuleFunction):
     """``torch.embedding`` whose backward also writes ``weight.sum_grad_squared``."""
 
     generate_vmap_rule = True
@@ -268,7 +268,7 @@ def embedding(
 # --------------------------------------------------------------------------- embedding bag
 
 
-class EmbeddingBagFunction(torch.autograd.Function):
+class EmbeddingBagFunction(base.RuleFunction):
     """``torch.embedding_bag`` whose backward also writes ``weight.sum_grad_squared``.
 
     Returns torch's four outputs ``(output, offset2bag, bag_size, max_indices)``; only the

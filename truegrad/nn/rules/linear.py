@@ -31,7 +31,7 @@ from truegrad.nn.rules import base
 __all__ = ["linear"]
 
 
-class LinearFunction(torch.autograd.Function):
+class LinearFunction(base.RuleFunction):
     """``F.linear`` whose backward also writes ``sum_grad_squared`` of weight and bias.
 
     With ``product`` given, the weight is ``(in_features, out_features)`` and the forward is

@@ -288,7 +288,7 @@ def _channels_statistic(
 # --------------------------------------------------------------------------- LayerNorm
 
 
-class LayerNormFunction(torch.autograd.Function):
+class LayerNormFunction(base.RuleFunction):
     """``native_layer_norm`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
 
     generate_vmap_rule = True
@@ -436,7 +436,7 @@ def _rms_composite_backward(
     return grad_input, grad_weight
 
 
-class RMSNormFunction(torch.autograd.Function):
+class RMSNormFunction(base.RuleFunction):
     """``_fused_rms_norm`` whose backward also writes ``sum_grad_squared`` of the weight."""
 
     generate_vmap_rule = True
@@ -528,7 +528,7 @@ def _suggested_format(input: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class GroupNormFunction(torch.autograd.Function):
+class GroupNormFunction(base.RuleFunction):
     """``native_group_norm`` whose backward also writes ``sum_grad_squared`` of weight and bias."""
 
     generate_vmap_rule = True

@@ -39,7 +39,7 @@ def _broadcast_shape(input: torch.Tensor, weight: torch.Tensor) -> list[int]:
     return shape
 
 
-class PReLUFunction(torch.autograd.Function):
+class PReLUFunction(base.RuleFunction):
     """``torch.prelu`` whose backward also writes ``sum_grad_squared`` of the weight."""
 
     generate_vmap_rule = True

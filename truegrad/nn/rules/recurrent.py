@@ -405,7 +405,7 @@ def _rnn_direction(seq: _Seq, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor
 # ----------------------------------------------------------------------------- Function
 
 
-class RecurrentFunction(torch.autograd.Function):
+class RecurrentFunction(base.RuleFunction):
     """torch's recurrent op whose backward also writes ``sum_grad_squared`` of its weights."""
 
     @staticmethod

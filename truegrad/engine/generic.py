@@ -23,6 +23,7 @@ when it is expanded, and otherwise sliced per sample with the others.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,18 @@ from torch.utils import _pytree as pytree
 
 from truegrad.engine import samples
 from truegrad.nn.rules.elementwise import Plan, _on_diagonal
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def vmap_quietly(function: Callable[..., Any], *args: Any, in_dims: Any = 0) -> Any:
+    """``torch.func.vmap(function, in_dims)(*args)`` without torch's "no batching rule,
+    performance drop" warning: ops like ``_weight_norm_interface_backward`` fall back to a loop
+    inside ``vmap``, which is correct; a user training a weight-normed model should not see a
+    torch-internal warning every step because truegrad computes its statistic."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        return torch.func.vmap(function, in_dims=in_dims)(*args)
 
 __all__ = ["RANDOM", "plan"]
 
@@ -178,7 +191,7 @@ def plan(
             )
 
         in_dims = tuple([dim for _, _, dim in batched] + list(spanning.values()) + [out_layout.dim])
-        grads = torch.func.vmap(one, in_dims=in_dims)(*xs, *sliced, d)
+        grads = vmap_quietly(one, *xs, *sliced, d, in_dims=in_dims)
         result_grads = []
         for i, g in enumerate(grads):
             if i in spanning:  # sample j's gradient lives in slice start + j

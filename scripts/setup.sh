@@ -33,6 +33,10 @@ pip_install --no-deps "backpack-for-pytorch>=1.7"
 #    torchvision requirement is unmet: that is deliberate, and filtered above.)
 echo "[setup] installing truegrad[lightning,test,bench]"
 pip_install -e ".[lightning,test,bench]" einops unfoldNd
+# 4. peft (LoRA models of the real-architecture zoo) and its accelerate: --no-deps so that pip
+#    never touches torch; their other requirements (transformers, safetensors, psutil, pyyaml)
+#    are already in from step 3.
+pip_install --no-deps "peft>=0.13" "accelerate>=1.0" psutil
 
 bad=$("$VENV/bin/python" -m pip list 2>/dev/null | grep -i -E "^(nvidia-|torchvision )" || true)
 if [ -n "$bad" ]; then
@@ -40,4 +44,4 @@ if [ -n "$bad" ]; then
     echo "$bad" >&2
     exit 1
 fi
-"$VENV/bin/python" -c "import torch, lightning.pytorch, backpack, truegrad; print('[setup] ok: torch', torch.__version__, '| lightning', lightning.pytorch.__version__)"
+"$VENV/bin/python" -c "import torch, lightning.pytorch, backpack, peft, truegrad; print('[setup] ok: torch', torch.__version__, '| lightning', lightning.pytorch.__version__)"

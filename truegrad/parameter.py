@@ -213,6 +213,13 @@ def _poison(ours: list[torch.Tensor], op: str, detail: str, outputs: list[torch.
         state.epoch = epoch
 
 
+def abandon_statistic(param: torch.Tensor, detail: str) -> None:
+    """The running backward cannot give ``param`` its exact statistic (``detail`` says why):
+    the parameter ends it with none, the reason recorded for ``coverage()``/diagnose. Called
+    by the rules' :func:`~truegrad.nn.rules.base.contribute`."""
+    _clear_after_this_backward(param, detail)
+
+
 def _clear_after_this_backward(param: torch.Tensor, detail: str) -> None:
     _REASONS[param] = (
         f"{_names.describe(param)}: {detail}; it gets no sum_grad_squared"

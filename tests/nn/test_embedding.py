@@ -335,14 +335,13 @@ def test_dense_per_sample_chunks_match_the_grouped_squares(chunk: int) -> None:
     torch.testing.assert_close(dense, grouped, rtol=1e-12, atol=1e-12)
 
 
-def test_tied_over_the_memory_bound_warns_naming_the_parameter() -> None:
-    from truegrad import _names
-
-    model = TiedLM()
-    _names.remember(model)
-    match = r"'emb.weight' .* is used more than once"
-    with nn.settings.configure(chunk_bytes=16), pytest.warns(RuntimeWarning, match=match):
-        model(ids(4, 3)).sum().backward()
+@pytest.mark.parametrize("chunk_bytes", [16, 3 * V * D * 4 * 2], ids=["1-sample", "3-samples"])
+def test_tied_over_the_memory_bound_is_exact(chunk_bytes: int) -> None:
+    """The tied embedding's pending per-sample gradients do not fit the bound: both uses are
+    formed chunk by chunk at the last one, exact (was: per-use squares and a warning)."""
+    with nn.settings.configure(chunk_bytes=chunk_bytes), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.assert_matches_oracle(TiedLM(), lambda o, _: o.square().mean(), ids(7, 3))
 
 
 def test_position_granularity_is_the_per_position_approximation() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -90,8 +92,11 @@ def test_layer_called_twice_is_exact(shape: tuple[int, ...]) -> None:
     testing.assert_matches_oracle(Twice(), lambda o, _: o.square().mean(), torch.randn(*shape))
 
 
-def test_shared_use_over_the_memory_bound_warns_naming_the_parameter() -> None:
-    from truegrad import _names
+@pytest.mark.parametrize("chunk_bytes", [16, 2 * 5 * 5 * 4 * 2], ids=["1-sample", "2-samples"])
+def test_shared_use_over_the_memory_bound_is_exact(chunk_bytes: int) -> None:
+    """Per-sample gradients of a layer called twice do not fit the bound: each use keeps its
+    operands and the last one forms both chunk by chunk (it used to add the per-use squares,
+    an approximation with a warning)."""
 
     class Twice(torch.nn.Module):
         def __init__(self) -> None:
@@ -99,12 +104,30 @@ def test_shared_use_over_the_memory_bound_warns_naming_the_parameter() -> None:
             self.layer = nn.Linear(5, 5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.layer(self.layer(x))
+            return self.layer(torch.tanh(self.layer(x)))
 
-    model = Twice()
+    with nn.settings.configure(chunk_bytes=chunk_bytes), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.assert_matches_oracle(Twice(), lambda o, _: o.square().mean(), torch.randn(7, 3, 5))
+
+
+def test_model_calls_with_different_batch_sizes_give_no_statistic_and_a_reason() -> None:
+    """Two calls of one model in one backward, with 4 and 6 samples: sample n of one call
+    cannot be paired with a sample of the other, so the shared weight gets no statistic
+    (never the per-call squares added) and the reason names it."""
+    from truegrad import _names, parameter
+
+    model = torch.nn.Sequential(nn.Linear(5, 5), torch.nn.Tanh(), nn.Linear(5, 2))
     _names.remember(model)
-    with nn.settings.configure(chunk_bytes=16), pytest.warns(RuntimeWarning, match=r"'layer.weight' \(shape \(5, 5\)\) is used more than once"):
-        model(torch.randn(4, 3, 5)).sum().backward()
+    (model(torch.randn(4, 5)).sum() + model(torch.randn(6, 5)).sum()).backward()
+    for name in ("0.weight", "0.bias", "2.weight"):
+        param = model.get_parameter(name)
+        assert param.grad is not None and not statistic.has(param), name
+    reason = parameter.reason(model[0].weight)
+    assert "'0.weight'" in reason and "different batch sizes (6 and 4)" in reason, reason
+    model.zero_grad()
+    model(torch.randn(4, 5)).sum().backward()  # the next backward is exact again
+    assert statistic.has(model[0].weight)
 
 
 def test_chunked_and_unchunked_agree() -> None:

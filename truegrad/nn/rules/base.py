@@ -17,9 +17,13 @@ contexts whose backward is still to come, so a forward that is never backwarded
 is forgotten with its graph). Their per-sample gradients
 are kept until the last use's backward has arrived, summed, and only then squared,
 so the statistic stays exact; a post-accumulate-grad hook finalises whatever is
-pending when the parameter's gradient is complete. If keeping them would exceed
-the memory bound, the per-use squares are added instead and a warning names the
-parameter (an approximation, never silent).
+pending when the parameter's gradient is complete. Kept densely, ``(N, *param.shape)``,
+while that fits in the memory bound; beyond it each use keeps its ``per_sample`` function
+(with the operands it reads) and the last use sums all of them chunk by chunk of samples,
+so the statistic is exact whatever the bound, at the cost of forming each use's per-sample
+gradients when the last one arrives. Uses from model calls with different batch sizes in
+one backward cannot be paired sample by sample: the parameter then gets no statistic for
+this backward, and the reason is recorded (never a sum of per-use squares).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import warnings
 import weakref
 
 from collections.abc import Callable
@@ -35,7 +38,7 @@ from typing import Any
 
 import torch
 
-from truegrad import _bypass, _names, statistic
+from truegrad import _bypass, statistic
 from truegrad._weakid import WeakIdMap
 from truegrad.engine.samples import Layout
 from truegrad.nn import settings
@@ -200,6 +203,11 @@ class _UseState:
     #: graph is dropped without backward disappears by itself (weak references).
     live: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
     pending: torch.Tensor | None = None
+    #: uses over the memory bound: ``(per_sample, sample_numel)`` of each, summed chunk by
+    #: chunk of samples when the last use arrives.
+    deferred: list[tuple[PerSample, int]] = dataclasses.field(default_factory=list)
+    n_samples: int | None = None  # N of the uses kept (pending or deferred)
+    abandoned: bool = False  # this backward's uses cannot be paired: no statistic
     hook: torch.utils.hooks.RemovableHandle | None = None
     accumulator: Any = None  # the parameter's AccumulateGrad node
 
@@ -209,10 +217,45 @@ _STATE: WeakIdMap[_UseState] = WeakIdMap()
 
 def _finalize(param: torch.Tensor) -> None:
     state = _STATE.get(param)
-    if state is None or state.pending is None:
+    if state is None:
+        return
+    state.abandoned = False
+    if state.pending is None and not state.deferred:
         return
     pending, state.pending = state.pending, None
-    statistic.add_sum_of_squares(param, pending, owned=True)
+    deferred, state.deferred = state.deferred, []
+    n_samples, state.n_samples = state.n_samples, None
+    if not deferred:
+        assert pending is not None
+        statistic.add_sum_of_squares(param, pending, owned=True)
+        return
+    assert n_samples is not None
+    dtype = stat_dtype(param)
+    widest = max([param.numel()] + [numel for _, numel in deferred])
+    chunk = max(1, settings.chunk_bytes // max(1, widest * 4 * 2))
+    total: torch.Tensor | None = None
+    for start in range(0, n_samples, chunk):
+        stop = min(n_samples, start + chunk)
+        if pending is not None:
+            grads = pending[start:stop]  # ours: summed into in place
+        else:  # a copy: a per_sample result may be a scratch buffer the next one reuses
+            grads = deferred[0][0](start, stop).to(dtype, copy=True)
+        for per_sample, _ in deferred[0 if pending is not None else 1 :]:
+            grads.add_(per_sample(start, stop))
+        squares = grads.square_().sum(0)
+        total = squares if total is None else total.add_(squares)
+    assert total is not None
+    statistic.add(param, total, owned=True)
+
+
+def _abandon(param: torch.Tensor, state: _UseState, detail: str) -> None:
+    """This backward's uses of ``param`` cannot give its exact statistic: drop what is kept,
+    record why, and have the parameter end the backward with no statistic."""
+    from truegrad import parameter  # the engine records reasons; it imports this module
+
+    state.pending, state.deferred, state.n_samples = None, [], None
+    state.abandoned = True
+    parameter.abandon_statistic(param, detail)
 
 
 def record_use(param: torch.Tensor | None, ctx: Any = None) -> None:
@@ -235,7 +278,7 @@ def discard_pending(param: torch.Tensor) -> None:
     """Drop per-sample gradients kept for a shared parameter (its statistic is abandoned)."""
     state = _STATE.get(param)
     if state is not None:
-        state.pending = None
+        state.pending, state.deferred, state.n_samples = None, [], None
 
 
 def _accumulates(param: torch.Tensor, state: _UseState | None) -> bool:
@@ -342,13 +385,26 @@ def contribute(
     if state is not None:
         state.live.discard(ctx)
         others = len(state.live)
-    shared = state is not None and (others > 0 or state.pending is not None)
+    shared = state is not None and (
+        others > 0 or state.pending is not None or bool(state.deferred) or state.abandoned
+    )
     if shared:
         assert state is not None
-        pending_bytes = n_samples * param.numel() * 4
-        same_n = state.pending is None or state.pending.shape[0] == n_samples
-        if pending_bytes <= settings.chunk_bytes and same_n:
-            grad = None
+        if state.abandoned:
+            return None
+        if state.n_samples is not None and state.n_samples != n_samples:
+            _abandon(
+                param,
+                state,
+                f"it is used by model calls with different batch sizes ({state.n_samples} and "
+                f"{n_samples}) in one backward, whose samples cannot be paired; call the model "
+                "once per backward, or with the same batch size",
+            )
+            return None
+        state.n_samples = n_samples
+        pending_bytes = n_samples * param.numel() * torch.empty((), dtype=stat_dtype(param)).element_size()
+        grad = None
+        if pending_bytes <= settings.chunk_bytes:
             if accumulate is not None:  # sparse per-sample gradients added where they belong
                 if state.pending is None:
                     state.pending = torch.zeros(
@@ -362,20 +418,11 @@ def contribute(
                     state.pending = grads.clone(memory_format=torch.contiguous_format)
                 else:
                     state.pending.add_(grads)
-            if others == 0:
-                _finalize(param)
-            return grad
-        warnings.warn(
-            f"truegrad: {_names.describe(param)} is used more than once in one forward and its "
-            f"per-sample gradients ({pending_bytes} bytes) do not fit in "
-            f"truegrad.nn.settings.chunk_bytes ({settings.chunk_bytes} bytes)"
-            + ("" if same_n else " or the uses have different batch sizes")
-            + ": its sum_grad_squared adds the squares of each use separately, which is an "
-            "approximation. Raise chunk_bytes to get the exact statistic.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        _finalize(param)  # what earlier uses left pending, squared on its own
+        else:  # over the bound: formed chunk by chunk with the other uses at the end
+            state.deferred.append((per_sample, max(param.numel(), sample_numel)))
+        if others == 0:
+            _finalize(param)
+        return grad
     if squared is not None:
         if squared_takes_out:
             out = statistic.reusable_buffer(param, stat_dtype(param))

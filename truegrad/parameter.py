@@ -298,6 +298,12 @@ def _sources(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return q._tg_sources if isinstance(q, DerivedTensor) else (q,)
 
 
+def sources_of(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The parameters a tracked tensor stands for: itself, or those a derived tensor (a
+    parametrization's weight, a computation on parameters alone) was computed from."""
+    return _sources(q)
+
+
 def _sources_of(ours: list[torch.Tensor]) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     for q in ours:
@@ -1117,6 +1123,23 @@ def _torch_function(
         attribute = getattr(func.__self__, "__name__", "")
         if func.__name__ != "__get__" or attribute not in _VIEW_ATTRIBUTES:
             return _plain(func, types, args, kwargs)
+    if torch.compiler.is_compiling():
+        # traced in a forward the engine does not follow (a prepared model's forward runs
+        # eagerly): torch's op; the doors of the parameter's own module refuse its statistic
+        return _plain(func, types, args, kwargs)
+    if not forward.in_call():
+        return _outside_call(handler, func, args, kwargs)
+    with _NoSubclass():
+        if handler is None:
+            return _generic(func, args, kwargs)
+        return handler(func, args, kwargs)
+
+
+@torch.compiler.disable
+def _outside_call(handler: Any, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A use outside any model call: the op is the model (dim 0 of its input holds the
+    samples). Never compiled: such a use may come from a compiled region (after a graph
+    break ``torch.compile`` compiles every frame it calls, the engine's own included)."""
     with _NoSubclass():
         if handler is None:
             return _generic(func, args, kwargs)

@@ -101,30 +101,10 @@ def check_model(model: object, backend: str) -> torch.nn.Module:
     return model
 
 
-class _EagerForward:
-    """``model.forward`` of a prepared model: the class's forward, never traced by
-    ``torch.compile``. The engine follows the model's samples by seeing every op of the
-    forward, which a compiled graph hides; so ``torch.compile(model)`` runs a prepared model
-    eagerly (exactly), and the rest of the program compiles as usual. Picklable."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.compiler.disable
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        return type(self.model).forward(self.model, *args, **kwargs)
-
-
 def _run_eagerly(model: torch.nn.Module, handle: Handle) -> None:
-    if "forward" in model.__dict__:  # already wrapped, or the user set one
-        return
-    model.forward = _EagerForward(model)  # type: ignore[method-assign]
+    from truegrad.engine import forward  # the engine imports truegrad.nn
 
-    def restore() -> None:
-        if isinstance(model.__dict__.get("forward"), _EagerForward):
-            del model.__dict__["forward"]
-
-    handle.on_undo(restore)
+    handle.on_undo(forward.run_eagerly(model))
 
 
 def mark_prepared(model: torch.nn.Module, backend: str, handle: Handle) -> Handle:

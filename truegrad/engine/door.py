@@ -22,7 +22,7 @@ import torch
 
 from truegrad import _bypass
 
-__all__ = ["call", "options", "takes"]
+__all__ = ["call", "options", "refuse_traced", "refuse_traced_module", "takes"]
 
 _STATE = threading.local()
 _OPTION_NAMES = ("granularity", "samples")
@@ -69,3 +69,42 @@ def options() -> dict[str, Any]:
     """The options of the innermost door call in progress (``{}`` outside one)."""
     stack = getattr(_STATE, "stack", None)
     return stack[-1] if stack else {}
+
+
+_TRACED_REASON = (
+    "{op} ran inside a forward that torch.compile traced with no backend preparing the model "
+    "(model.compile(), or a compiled function calling the model), which hides where the "
+    "model's samples are; compile with torch.compile(model), or prepare the model before "
+    "compiling (truegrad.backends.get_backend('auto').prepare(model), or TrueGradCallback): "
+    "its forward then runs eagerly and exactly"
+)
+
+
+def refuse_traced(name: str, torch_function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """A door that ``torch.compile`` traced inside a forward the engine does not follow (no
+    model call in progress when it runs): the ops around it ran compiled, out of the
+    engine's sight, so where the model's samples are in its input is unknown. Computes
+    torch's function and leaves every tracked parameter of the call without a statistic for
+    the coming backward, with the reason (CONTRACT: exact or absent)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in _OPTION_NAMES}
+    _abandon_tracked((*args, *kwargs.values()), _TRACED_REASON.format(op=name))
+    with _bypass.bypass():
+        return torch_function(*args, **kwargs)
+
+
+def refuse_traced_module(module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """:func:`refuse_traced` for a ``truegrad.nn`` module whose forward calls torch directly
+    (the recurrent layers): its parameters get no statistic for the coming backward."""
+    _abandon_tracked(tuple(module.parameters()), _TRACED_REASON.format(op=type(module).__name__))
+    with _bypass.bypass():
+        return forward(*args, **kwargs)
+
+
+def _abandon_tracked(values: tuple, detail: str) -> None:
+    from truegrad import parameter
+
+    for value in values:
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if _is_tracked(t):
+                for source in parameter.sources_of(t):
+                    parameter.abandon_statistic(source, detail)

@@ -219,10 +219,61 @@ class _Flag:
             module.__dict__.pop("_truegrad_model_hooks", None)
 
 
+class EagerForward:
+    """``model.forward`` of a model the engine follows: the class's forward, never traced by
+    ``torch.compile``. The engine follows the model's samples by seeing every op of the
+    forward, which a compiled graph hides; so ``torch.compile(model)`` runs such a model's
+    forward eagerly (exactly), and the rest of the program compiles as usual. Picklable."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.compiler.disable
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+
+def run_eagerly(model: torch.nn.Module) -> Callable[[], None]:
+    """Give ``model`` an :class:`EagerForward` (unless it has an instance ``forward`` already,
+    the user's or ours); returns the function that takes it away."""
+    if "forward" in model.__dict__:
+        return lambda: None
+    model.forward = EagerForward(model)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if isinstance(model.__dict__.get("forward"), EagerForward):
+            del model.__dict__["forward"]
+
+    return restore
+
+
+def _holds_tracked(model: torch.nn.Module) -> bool:
+    from truegrad.parameter import TrueGradParameter  # it imports this module
+
+    return any(isinstance(p, TrueGradParameter) for p in model.parameters())
+
+
+def _compiled_wrapper_call(wrapper: torch.nn.Module) -> bool:
+    """The call of ``torch.compile(model)``'s wrapper (eager, before the wrapped model is
+    traced): when ``model`` holds tracked parameters (``truegrad.nn`` modules) and no backend
+    prepared it, its forward is made to run eagerly and this call is the model call (the
+    wrapper's arguments are the model's). Returns whether it is."""
+    model = getattr(wrapper, "_orig_mod", None)
+    if not isinstance(model, torch.nn.Module) or model.__dict__.get("_truegrad_model_hooks"):
+        return False  # a prepared model: its own hooks count it
+    if not isinstance(model.__dict__.get("forward"), EagerForward):
+        if "forward" in model.__dict__ or not _holds_tracked(model):
+            return False
+        run_eagerly(model)
+    return True
+
+
 def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
+    if torch.compiler.is_compiling():
+        return  # traced: a compiled forward hides its ops, so it is no model call (see door)
     if module.__dict__.get("_truegrad_model_hooks"):
         return  # its own hooks (which see the keyword arguments) count it
-    if isinstance(module, _compat.optimized_module_type()):
+    if isinstance(module, _compat.optimized_module_type()) and not _compiled_wrapper_call(module):
         return  # torch.compile's wrapper: the model call is the wrapped module's
     stack = getattr(_STATE, "global_calls", None)
     if stack is None:
@@ -237,6 +288,8 @@ def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
 
 
 def _post_hook(module: torch.nn.Module, args: tuple, *rest: Any) -> None:
+    if torch.compiler.is_compiling():
+        return
     stack = getattr(_STATE, "global_calls", None)
     if not stack or stack[-1][0] != id(module):
         return  # its pre-hook did not run (its own hooks count it, torch.compile's wrapper,

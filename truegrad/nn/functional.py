@@ -18,8 +18,11 @@ import functools as _functools
 from collections.abc import Callable as _Callable
 from typing import Any as _Any
 
+import torch as _torch
+
 from truegrad import _originals
 from truegrad.engine import door as _door
+from truegrad.engine import forward as _forward
 from truegrad.nn import settings as _settings
 from truegrad.nn.rules import attention as _attention
 from truegrad.nn.rules import batchnorm as _batchnorm
@@ -40,11 +43,20 @@ def _make_door(name: str, rule: _Callable[..., _Any]) -> _Callable[..., _Any]:
 
     @_functools.wraps(rule)
     def door(*args: _Any, **kwargs: _Any) -> _Any:
+        if _torch.compiler.is_compiling():  # traced: the engine must see the real call
+            return traced_door(*args, **kwargs)
         if _door.takes(args, kwargs):
             if kwargs.get("granularity") is not None:
                 _settings.resolve_granularity(kwargs["granularity"])  # a bad value raises here
             return _door.call(torch_function, args, kwargs)
         return rule(*args, **kwargs)
+
+    @_torch.compiler.disable
+    def traced_door(*args: _Any, **kwargs: _Any) -> _Any:
+        """The call, run eagerly, of a door that ``torch.compile`` traced."""
+        if _door.takes(args, kwargs) and not _forward.in_call():
+            return _door.refuse_traced(f"F.{name}", torch_function, args, kwargs)
+        return door(*args, **kwargs)
 
     door.rule = rule  # type: ignore[attr-defined]
     # torch's Python functionals hand ``handle_torch_function`` the function found under their

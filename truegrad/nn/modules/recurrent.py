@@ -4,28 +4,46 @@ sample's gradient summed over its time steps before squaring)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from truegrad.engine import door as _door
+from truegrad.engine import forward as _forward
 from truegrad.nn.modules._tracked import Tracked
 from truegrad.nn.rules.registry import Rule
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
 
-class RNN(Tracked, torch.nn.RNN):
+class _Recurrent(Tracked):
+    """The forward of the recurrent classes: torch's, run eagerly also under
+    ``torch.compile`` (the rule needs the real call; a recurrent layer is one fused op anyway).
+    Called by a compiled forward the engine does not follow, its parameters get no
+    statistic, with the reason (see :func:`truegrad.engine.door.refuse_traced`)."""
+
+    @torch.compiler.disable
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        forward = super().forward
+        if _forward.in_call() or not _door.takes(tuple(self.parameters()), {}):
+            return forward(*args, **kwargs)
+        return _door.refuse_traced_module(self, forward, args, kwargs)
+
+
+class RNN(_Recurrent, torch.nn.RNN):
     """``torch.nn.RNN`` (same constructor, parameters and ``state_dict``) whose backward also
     writes ``sum_grad_squared`` of every weight and bias: every layer and direction, both
     ``batch_first`` settings, packed sequences. Its forward is torch's; the tracked weights
     hand ``torch.rnn_tanh``/``rnn_relu`` to the engine."""
 
 
-class LSTM(Tracked, torch.nn.LSTM):
+class LSTM(_Recurrent, torch.nn.LSTM):
     """``torch.nn.LSTM`` (same constructor, parameters and ``state_dict``) whose backward also
     writes ``sum_grad_squared`` of every weight and bias, ``proj_size`` included; see
     :class:`RNN`."""
 
 
-class GRU(Tracked, torch.nn.GRU):
+class GRU(_Recurrent, torch.nn.GRU):
     """``torch.nn.GRU`` (same constructor, parameters and ``state_dict``) whose backward also
     writes ``sum_grad_squared`` of every weight and bias; see :class:`RNN`."""
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
-
 __all__ = ["module_call_kwargs", "optimized_module_type"]
 
 

@@ -12,14 +12,12 @@ with the same weights, runs one forward/backward on both, and asserts:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from truegrad import nn as tnn
 from truegrad import testing
 
 from grads import assert_close_to_rounding

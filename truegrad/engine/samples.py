@@ -478,7 +478,6 @@ def _gather(func: Any, args: tuple, kwargs: dict, result: Any, tagged: list) -> 
 def _cat(func: Any, args: tuple, kwargs: dict, result: Any, tagged: list) -> list:
     tensors = list(_tensors(args[0] if args else kwargs.get("tensors")))
     name = getattr(func, "__name__", "")
-    out = _outputs(result)[0]
     dim = _arg(args, kwargs, 1, "dim", 0)
     stack = name == "stack"
     if name in ("hstack", "vstack", "dstack", "column_stack", "row_stack"):

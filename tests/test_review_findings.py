@@ -2,7 +2,7 @@
 
 Before the engine, each of these gave a wrong number with no warning (or a number with a
 warning, which TGAdamW stepped with anyway), or a crash, or no statistic and no reason. Now
-every parameter gets the exact statistic of the model's samples (CONTRACT.md section 1), or
+every parameter gets the exact statistic of the model's samples (docs/statistic.md section 1), or
 none with the reason recorded. (BackPack's share of findings 2 and 5 is tested in
 ``tests/backends/test_backpack.py``, diagnose's finding 7 in ``tests/test_diagnose.py``.)
 """

@@ -1,4 +1,4 @@
-"""The statistic module: the one writer of p.sum_grad_squared (CONTRACT.md section 2)."""
+"""The statistic module: the one writer of p.sum_grad_squared (docs/statistic.md section 2)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ valid). Its ``__torch_function__`` sees every torch function called on it, and
   (``PatchModelBackend().coverage(model)``, :func:`truegrad.backends.patch_model.uncovered`).
   Never a partial, silently wrong statistic.
 
-Which dim indexes samples. A sample is one index of dim 0 of the op's input (CONTRACT.md),
+Which dim indexes samples. A sample is one index of dim 0 of the op's input (docs/statistic.md),
 checked against the batch size of the model call: the outermost forward of a prepared
 model (or of one of its containers) records N, dim 0 of its first tensor argument. An op
 whose sample dim has another size is not split (its parameters are poisoned), except a

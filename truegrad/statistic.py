@@ -4,7 +4,7 @@ Every backend adds per-backward contributions through :func:`add` (or
 :func:`add_sum_of_squares`), the Lightning callback rescales through
 :func:`scale_`, and the optimizer reads through :func:`get` and clears through
 :func:`clear`. Nothing else touches the attribute, so its invariants
-(CONTRACT.md section 2) hold in one place:
+(docs/statistic.md section 2) hold in one place:
 
 * the statistic has the parameter's shape and lives on the gradient's device;
 * it is kept in float32 (float64 for a float64 parameter), never half precision,

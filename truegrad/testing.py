@@ -1,4 +1,4 @@
-"""Exact oracles for ``p.sum_grad_squared`` (CONTRACT.md section 1).
+"""Exact oracles for ``p.sum_grad_squared`` (docs/statistic.md section 1).
 
 Users check their own models with these, and every backend of truegrad is tested
 against them.
@@ -404,7 +404,7 @@ def compare_to_oracle(
     """Compare ``p.sum_grad_squared`` (and ``p.grad``) of ``model`` with ``expected``.
 
     A value matches when ``|actual - expected| <= atol_factor * max|expected| + rtol *
-    |expected|`` elementwise (CONTRACT.md: rtol 1e-4, atol 1e-6 times the largest value).
+    |expected|`` elementwise (docs/statistic.md: rtol 1e-4, atol 1e-6 times the largest value).
 
     Args:
         params: names to check (default: every parameter in ``expected``); a checked

@@ -1,7 +1,7 @@
 """PyTorch Lightning integration of truegrad (needs the ``lightning`` extra).
 
 * :class:`TrueGradCallback`: converts the model at setup and makes ``p.sum_grad_squared``
-  right under accumulation, mixed precision, clipping and DDP (CONTRACT.md section 3).
+  right under accumulation, mixed precision, clipping and DDP (docs/statistic.md section 3).
 * :func:`configure_optimizers`: TGAdamW (or any optimizer) with decay/no-decay groups and a
   warmup + cosine schedule, for ``LightningModule.configure_optimizers``.
 * :func:`fix_statistics`: the same per-step fix-up for Lightning Fabric loops.

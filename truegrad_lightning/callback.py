@@ -82,7 +82,7 @@ class TrueGradCallback(Callback):
     ``Parameter`` objects; a model built in ``configure_model`` is converted right after
     it is built). Once per optimizer step (``on_before_optimizer_step``) the statistic is
     divided by ``S**2`` under a GradScaler, summed over DDP ranks in one all-reduce and
-    divided by ``W**2`` (CONTRACT.md section 3). The conversion is undone at
+    divided by ``W**2`` (docs/statistic.md section 3). The conversion is undone at
     ``teardown`` and when training raises.
 
     Gradient clipping is taken from the clip call itself, not predicted from the

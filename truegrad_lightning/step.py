@@ -1,7 +1,7 @@
 """The per-step fix-up of ``p.sum_grad_squared``, shared by the callback and Fabric.
 
 Right before ``optimizer.step()`` the statistic must describe exactly the ``p.grad``
-the optimizer steps with (CONTRACT.md section 3). Backward leaves it in the units of
+the optimizer steps with (docs/statistic.md section 3). Backward leaves it in the units of
 the local, loss-scaled, unclipped backward; :func:`fix_statistics_` brings it to the
 optimizer's units, in this order:
 

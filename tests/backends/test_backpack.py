@@ -1,7 +1,7 @@
 """backend="backpack": BackPack's SumGradSquared, added into p.sum_grad_squared.
 
 Every model checks the exact coverage table, outputs and p.grad against plain torch, and
-the statistic of every covered parameter against the exact oracle (CONTRACT.md: rtol
+the statistic of every covered parameter against the exact oracle (docs/statistic.md: rtol
 1e-4, atol 1e-6 x max).
 """
 
@@ -258,7 +258,7 @@ def test_alexnet_seed_example(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def _per_sample_products(model: nn.Module, entry: Any) -> dict[str, torch.Tensor]:
-    """Layer-level oracle (CONTRACT section 1, samples interact): each layer's own per-sample
+    """Layer-level oracle (docs/statistic.md section 1, samples interact): each layer's own per-sample
     split of its weight gradient, from its input and full-batch output gradient."""
     seen: dict[nn.Module, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 

@@ -3,7 +3,7 @@
 Every model checks the exact coverage table (which parameters get a statistic, and the
 recorded reason of every other one), outputs and p.grad against plain torch (a deep copy
 made before patching), and the statistic of every covered parameter against the exact
-oracle on an unpatched deep copy (CONTRACT.md: rtol 1e-4, atol 1e-6 x max).
+oracle on an unpatched deep copy (docs/statistic.md: rtol 1e-4, atol 1e-6 x max).
 """
 
 from __future__ import annotations

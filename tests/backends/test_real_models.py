@@ -4,7 +4,7 @@ parametrizations, the tied-weight and position patterns of real models, PEFT LoR
 BackPACK's own test problems.
 
 For every model and backend, each trainable parameter either matches the exact oracle of the
-whole model (CONTRACT.md section 1: float32 rtol 1e-4, atol 1e-6 x its largest value) or has
+whole model (docs/statistic.md section 1: float32 rtol 1e-4, atol 1e-6 x its largest value) or has
 no statistic and a recorded reason; :data:`ABSENT` says which, per backend and model, with a
 fragment of the reason (no "some"). Outputs equal plain torch's bitwise and ``p.grad`` within
 rounding. The default backend covers every parameter the loss reaches.

@@ -1,4 +1,4 @@
-"""TrueGradCallback against the exact oracle (CONTRACT.md section 3)."""
+"""TrueGradCallback against the exact oracle (docs/statistic.md section 3)."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def fit(module: pl.LightningModule, batch_size: int = N_SAMPLES, **kwargs) -> li
 
 
 def assert_close(actual: dict, expected: dict, rtol: float = 1e-4, atol_factor: float = 1e-6):
-    """CONTRACT.md tolerance: |a - e| <= atol_factor * max|e| + rtol * |e| elementwise."""
+    """docs/statistic.md tolerance: |a - e| <= atol_factor * max|e| + rtol * |e| elementwise."""
     assert set(actual) == set(expected), (set(actual), set(expected))
     for name, e in expected.items():
         a = actual[name].to(torch.float64)

@@ -218,7 +218,7 @@ def test_wrong_length_betas_rejected_naming_the_field(
 
 
 def test_two_betas_accepted_for_tgadamw(capsys: pytest.CaptureFixture[str]) -> None:
-    """CONTRACT: a 2-tuple reuses beta2 for beta3."""
+    """docs/statistic.md §4: a 2-tuple reuses beta2 for beta3."""
     printed = _print_config(
         ["fit", "--config", _config("digits_cnn"), "--model.init_args.optimizer.init_args.betas=[0.9,0.95]"],
         capsys,

@@ -1,7 +1,7 @@
 """Clipping the statistic gets the factor that was really applied (a custom
 ``configure_gradient_clipping``, manual optimization), and the Fabric helper under DDP.
 
-Oracles: CONTRACT.md section 3 in closed form. Norm clipping multiplies the exact
+Oracles: docs/statistic.md section 3 in closed form. Norm clipping multiplies the exact
 statistic by ``coef**2`` with torch's ``coef = min(1, max_norm / (total_norm + 1e-6))``
 of the global (mean) gradient; value clipping multiplies each element by
 ``(clamped / unclamped)**2``.

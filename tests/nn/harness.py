@@ -5,7 +5,7 @@ with the same weights, runs one forward/backward on both, and asserts:
 
 * the outputs are equal (bitwise where the truegrad forward calls torch's own op);
 * ``p.grad`` equals torch's (float64: 1e-10; float32: up to rounding, see ``grads.py``);
-* ``p.sum_grad_squared`` equals the torch.func oracle of CONTRACT.md computed on the
+* ``p.sum_grad_squared`` equals the torch.func oracle of docs/statistic.md computed on the
   plain-torch twin (float32: rtol 1e-4, atol 1e-6 x max; float64: rtol 1e-9), or the
   problem's own layer-level oracle where samples interact (BatchNorm in training mode).
 """

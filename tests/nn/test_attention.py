@@ -32,7 +32,7 @@ def _mha(**kwargs: Any) -> nn.MultiheadAttention:
 
 class Attend(torch.nn.Module):
     """A model around ``mha``: its inputs are batch-first (the model's samples are dim 0 of
-    its input, CONTRACT.md) and a seq-first layer gets them transposed, as a seq-first model
+    its input, docs/statistic.md) and a seq-first layer gets them transposed, as a seq-first model
     does inside. ``key_padding_mask`` is ``(N, S)``, ``head_mask`` (a per-sample 3-D
     ``attn_mask``) is ``(N, H, L, S)``; a 2-D ``attn_mask`` is a buffer. Outputs are
     batch-first too."""

@@ -89,7 +89,7 @@ FORMS = ["torch.compile(model)", "model.compile()", "compiled function"]
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("setup", ["truegrad.nn", "truegrad.nn + auto", "torch.nn + auto", "torch.nn + nn"])
 def test_every_compile_form_is_exact_or_absent_with_the_reason(setup: str, form: str) -> None:
-    """CONTRACT §1 under torch.compile: a prepared model's forward runs eagerly, exact in
+    """docs/statistic.md §1 under torch.compile: a prepared model's forward runs eagerly, exact in
     every form; an unprepared model of truegrad.nn layers is exact through
     ``torch.compile(model)`` (its wrapper's call is the model call, the forward runs eagerly)
     and, traced in place or inside a compiled function, gives no statistic with the reason

@@ -100,7 +100,7 @@ class TiedBag(torch.nn.Module):
 
 class OffsetsFirst(torch.nn.Module):
     """A model over a ragged batch: bags given as flat ids and offsets. The model's samples are
-    dim 0 of its first input (CONTRACT.md), so the offsets (one per bag) come first."""
+    dim 0 of its first input (docs/statistic.md), so the offsets (one per bag) come first."""
 
     def __init__(self, bag: torch.nn.Module) -> None:
         super().__init__()

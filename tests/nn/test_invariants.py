@@ -1,4 +1,4 @@
-"""CONTRACT.md section 2 invariants on whole models converted to truegrad.nn."""
+"""docs/statistic.md section 2 invariants on whole models converted to truegrad.nn."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_grads_are_torchs_bitwise(shape: tuple[int, ...], channels: int, autocas
 
 
 def test_zero_dim_input_has_no_samples_and_no_statistic() -> None:
-    """A model's samples are dim 0 of its input (CONTRACT.md); a 0-d input has none, so the
+    """A model's samples are dim 0 of its input (docs/statistic.md); a 0-d input has none, so the
     statistic is absent with the reason recorded, never some other number."""
     layer = nn.PReLU()
     layer(torch.tensor(-1.5)).square().backward()

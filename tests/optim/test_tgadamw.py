@@ -1,4 +1,4 @@
-"""TGAdamW (CONTRACT.md section 4) against torch.optim.AdamW, a plain float64
+"""TGAdamW (docs/statistic.md section 4) against torch.optim.AdamW, a plain float64
 re-implementation of the update, and itself across implementations."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def per_sample(shape: tuple[int, ...], n: int = 4, dtype: torch.dtype = torch.fl
 
 
 class Reference:
-    """CONTRACT.md section 4 in float64, one parameter at a time, no tricks."""
+    """docs/statistic.md section 4 in float64, one parameter at a time, no tricks."""
 
     def __init__(self, groups: list[dict]) -> None:
         self.groups = groups  # dicts with "params" (tensors) and every hyperparameter

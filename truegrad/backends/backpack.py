@@ -33,7 +33,7 @@ warnings (all subclasses of :class:`BackPackWarning`):
   operations after a module are fine.
 * **BatchNorm in training mode.** BackPack raises ``NotImplementedError`` in backward.
   Here its BatchNorm rule runs anyway: with the batch statistics it is the layer's own
-  per-sample split of its gradient (CONTRACT.md section 1, what backend ``"nn"``
+  per-sample split of its gradient (docs/statistic.md section 1, what backend ``"nn"``
   computes), announced once per model by a :class:`BatchNormTrainingWarning`.
 * **Mixed precision.** Under bf16/fp16 autocast BackPack fails (``RuntimeError: expected
   scalar type Float but found BFloat16``). Here the output gradient and the inputs are
@@ -115,7 +115,7 @@ class BatchDimensionWarning(BackPackWarning):
 
 class BatchNormTrainingWarning(BackPackWarning):
     """BatchNorm in training mode: samples interact, the statistic is each layer's own
-    per-sample split of its gradient (CONTRACT.md section 1)."""
+    per-sample split of its gradient (docs/statistic.md section 1)."""
 
 
 # ----------------------------------------------------------------------------- BackPack
@@ -339,7 +339,7 @@ class _Hook:
             f"truegrad backend 'backpack': BatchNorm {_where(self.name, module)} (one of "
             f"{self.state.batchnorms} in this model) is in training mode, so samples interact "
             "through the batch statistics. Its statistic, and that of every layer before it, "
-            "is the layer's own per-sample split of its gradient (CONTRACT.md section 1, as "
+            "is the layer's own per-sample split of its gradient (docs/statistic.md section 1, as "
             "backend 'nn' computes it), not a sum over independent samples. BackPack itself "
             "refuses this; call model.eval() for independent samples.",
             BatchNormTrainingWarning,

@@ -85,7 +85,7 @@ def refuse_traced(name: str, torch_function: Callable[..., Any], args: tuple, kw
     model call in progress when it runs): the ops around it ran compiled, out of the
     engine's sight, so where the model's samples are in its input is unknown. Computes
     torch's function and leaves every tracked parameter of the call without a statistic for
-    the coming backward, with the reason (CONTRACT: exact or absent)."""
+    the coming backward, with the reason (docs/statistic.md: exact or absent)."""
     kwargs = {k: v for k, v in kwargs.items() if k not in _OPTION_NAMES}
     _abandon_tracked((*args, *kwargs.values()), _TRACED_REASON.format(op=name))
     with _bypass.bypass():

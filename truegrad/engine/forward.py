@@ -1,6 +1,6 @@
 """The model call: which tensors are the model's samples, followed through its forward.
 
-A sample is one index of dim 0 of the model's input (CONTRACT.md section 1). The *model call*
+A sample is one index of dim 0 of the model's input (docs/statistic.md section 1). The *model call*
 is the outermost ``nn.Module`` call of a thread while truegrad tracks anything (a prepared
 model, a ``truegrad.nn`` module, an active ``patch_torch``): module hooks installed with
 :func:`torch.nn.modules.module.register_module_forward_pre_hook` while there is at least one

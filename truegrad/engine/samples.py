@@ -1,6 +1,6 @@
 """Where the model's samples are in every tensor of a forward.
 
-CONTRACT.md section 1: a sample is one index of dim 0 of the **model's** input, wherever the
+docs/statistic.md section 1: a sample is one index of dim 0 of the **model's** input, wherever the
 model moves it. During the forward of a tracked model (:mod:`truegrad.engine.forward`) every
 tensor computed from the model's input carries a tag saying where its samples are:
 

@@ -9,7 +9,7 @@
     formed, so a single weight larger than the bound still works.
 
 ``granularity``
-    ``"sample"`` (default, exact, CONTRACT.md section 1): a sample's contributions
+    ``"sample"`` (default, exact, docs/statistic.md section 1): a sample's contributions
     are summed over all of its positions before squaring. ``"position"``: every
     position (token, pixel) counts as its own sample. Cheaper in memory, but an
     *approximation*: it can be wrong by orders of magnitude where per-sample

@@ -1,7 +1,7 @@
 """One TGAdamW step, in three interchangeable implementations.
 
 All three take the same keyword-only arguments and produce the same numbers
-(CONTRACT.md section 4). Per parameter, with gradient ``g``, statistic ``s`` and
+(docs/statistic.md section 4). Per parameter, with gradient ``g``, statistic ``s`` and
 step ``t``::
 
     m = b1*m + (1-b1)*g          v = b2*v + (1-b2)*g*g          u = b3*u + (1-b3)*s

@@ -22,7 +22,7 @@ the same with ``bc3`` for ``u``), one step with ``graft=True`` is::
     # kernel 2 (`_apply_true`): one elementwise pass; reads p, m, u, writes p
     p = p*(1 - lr*wd) + coef * m / max(sqrt(u), eps_u)
 
-i.e. 12 passes over n elements (AdamW: 7), and the numbers of CONTRACT.md section 4
+i.e. 12 passes over n elements (AdamW: 7), and the numbers of docs/statistic.md section 4
 up to float rounding. Without grafting (`_step_true`) or without a statistic
 (`_step_adam`, the ``adam`` update) the step is one elementwise kernel (10 and 7
 passes). Each kernel is compiled once per process (``compiled_kernels``) with

@@ -23,7 +23,7 @@ class MissingStatisticError(ValueError):
 
 
 class TGAdamW(Optimizer):
-    r"""TrueGrad-AdamW (CONTRACT.md section 4).
+    r"""TrueGrad-AdamW (docs/statistic.md section 4).
 
     AdamW keeps a running mean of the squared *mean* gradient. TGAdamW keeps, in
     addition, a running mean of the *sum of squared per-sample gradients*

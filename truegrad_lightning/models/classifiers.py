@@ -2,7 +2,7 @@
 
 Both take images ``(N, C, H, W)`` (the MLP also flat ``(N, F)`` inputs), return logits
 ``(N, num_classes)``, train with the mean cross-entropy (the reduction the statistic's
-CONTRACT assumes) and log ``train_loss``/``train_acc``, ``val_loss``/``val_acc`` and
+docs/statistic.md assumes) and log ``train_loss``/``train_acc``, ``val_loss``/``val_acc`` and
 ``test_loss``/``test_acc`` (``torchmetrics`` multiclass accuracy). Layers are plain
 ``torch.nn`` modules: every truegrad backend converts them, BackPack included.
 """
@@ -127,7 +127,7 @@ class CNNClassifier(Classifier):
         num_classes: number of classes.
         kernel_size: odd conv kernel size.
         norm: ``"none"``, ``"batch"`` (BatchNorm2d; its statistic is the layer-level
-            per-sample split, CONTRACT.md section 1) or ``"group"`` (GroupNorm, 8 groups
+            per-sample split, docs/statistic.md section 1) or ``"group"`` (GroupNorm, 8 groups
             or fewer).
         dropout: dropout probability before the last layer.
         optimizer, lr_scheduler: see :class:`~truegrad_lightning.models.TrueGradModule`.

@@ -9,7 +9,7 @@ of the parameter gradients is
 over the spatial positions s.
 
 * BatchNorm in training mode normalises with the batch statistics, so samples
-  interact: ``g_n`` is then the op's own per-sample split of ``p.grad`` (CONTRACT.md
+  interact: ``g_n`` is then the op's own per-sample split of ``p.grad`` (docs/statistic.md
   section 1), with ``x_hat`` from torch's saved batch mean and inverse std. In
   evaluation mode ``x_hat`` uses the running statistics and samples are independent.
 * InstanceNorm normalises every (sample, channel) with its own statistics; torch runs

@@ -9,7 +9,22 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["module_call_kwargs", "optimized_module_type"]
+import torch
+
+__all__ = [
+    "called_by_parameter_new",
+    "current_backward_id",
+    "module_call_kwargs",
+    "optimized_module_type",
+]
+
+
+def current_backward_id() -> int:
+    """An id of the backward pass running in this thread (autograd's graph task id), ``-1``
+    outside one. Per-backward state (per-sample gradients kept for a shared parameter) is
+    tagged with it, so that what a backward interrupted by an exception left behind is never
+    added to the next one. ``torch._C._current_graph_task_id`` (torch 2.1 - 2.13)."""
+    return int(torch._C._current_graph_task_id())
 
 
 def module_call_kwargs() -> dict[str, Any]:
@@ -39,3 +54,15 @@ def optimized_module_type() -> type:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return OptimizedModule
+
+
+_PARAMETER_NEW = torch.nn.Parameter.__new__.__code__
+
+
+def called_by_parameter_new() -> bool:
+    """Whether the ``__torch_function__`` handler calling this runs ``data.detach()`` for
+    ``torch.nn.Parameter(data)`` (frame 2: ``Parameter.__new__``). For a tensor subclass,
+    ``Parameter.__new__`` (torch 2.0 - 2.13) requires ``detach()`` to keep the subclass, which
+    ``torch.nn.utils.parametrize`` relies on when it re-registers a parameter."""
+    frame = sys._getframe(2)  # 0: this function, 1: the handler, 2: its caller
+    return frame is not None and frame.f_code is _PARAMETER_NEW

@@ -72,7 +72,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from truegrad import _bypass, _names, _originals, statistic
+from truegrad import _bypass, _compat, _names, _originals, statistic
 from truegrad._weakid import WeakIdMap
 from truegrad.engine import door, forward, generic, samples
 from truegrad.nn.rules import base
@@ -92,6 +92,7 @@ __all__ = [
 ]
 
 _plain = torch._C._disabled_torch_function_impl
+_DETACH = torch.Tensor.detach
 _NoSubclass = torch._C.DisableTorchFunctionSubclass
 
 
@@ -127,10 +128,16 @@ class _Poison:
 
 _POISON: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _REASONS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: parameter -> the model call (epoch) its reason concerns, for reasons about one forward only
+_TRANSIENT: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def reason(param: torch.Tensor) -> str | None:
     """The recorded reason why ``param`` gets no statistic, or ``None``."""
+    epoch = _TRANSIENT.get(param)
+    if epoch is not None and epoch != _epoch():
+        _TRANSIENT.pop(param, None)
+        _REASONS.pop(param, None)
     return _REASONS.get(param)
 
 
@@ -138,6 +145,7 @@ def forget(params: list[torch.Tensor]) -> None:
     """Drop recorded reasons, poison and hooks of ``params`` (``undo`` of a backend)."""
     for param in params:
         _REASONS.pop(param, None)
+        _TRANSIENT.pop(param, None)
         state = _POISON.pop(param, None)
         if state is not None and state.hook is not None:
             state.hook.remove()
@@ -204,6 +212,7 @@ def _poison(ours: list[torch.Tensor], op: str, detail: str, outputs: list[torch.
         _REASONS[param] = (
             f"{op} on {_names.describe(param)}: {detail}; it gets no sum_grad_squared"
         )
+        _TRANSIENT.pop(param, None)
         state = _state(param)
         if state.records and state.epoch != epoch:
             state.records.clear()
@@ -220,10 +229,16 @@ def abandon_statistic(param: torch.Tensor, detail: str) -> None:
     _clear_after_this_backward(param, detail)
 
 
-def _clear_after_this_backward(param: torch.Tensor, detail: str) -> None:
+def _clear_after_this_backward(param: torch.Tensor, detail: str, transient: bool = False) -> None:
+    """No statistic for ``param`` from the coming backward, for ``detail``; a ``transient``
+    reason is forgotten once a later model call begins (it concerned this forward only)."""
     _REASONS[param] = (
         f"{_names.describe(param)}: {detail}; it gets no sum_grad_squared"
     )
+    if transient:
+        _TRANSIENT[param] = _epoch()
+    else:
+        _TRANSIENT.pop(param, None)
     _state(param).clear_once = True
 
 
@@ -253,6 +268,30 @@ def _kind(t: Any) -> str:
     if in_call or t.dim() == 0:
         return "const"
     return "sample"  # outside any model call: dim 0 of the op's input (the op is the model)
+
+
+def _met_untracked(param: torch.nn.Parameter) -> bool:
+    """A trainable plain parameter used by an op together with tracked ones in a model call:
+    one created after the rest (a parametrization registered later: weight_norm's ``original0``).
+    In a model of ``truegrad.nn`` modules it is tracked from now on, without a statistic for
+    this backward (its earlier uses in this forward were not seen); in a prepared model it
+    stays untracked, with the reason. Returns whether it is tracked now."""
+    if forward.adopts_parameters():
+        track([param])
+        _clear_after_this_backward(
+            param, "it was first seen in the middle of a forward (created after the model's "
+            "other parameters: a parametrization registered later?), so its earlier uses in "
+            "this forward were not counted; it is exact from the next forward on",
+            transient=True,
+        )
+        return True
+    _REASONS[param] = (
+        f"{_names.describe(param)}: a trainable parameter the backend did not track (created "
+        "after the model was prepared: a parametrization registered later?); prepare the "
+        "model again to cover it; it gets no sum_grad_squared"
+    )
+    _TRANSIENT.pop(param, None)
+    return False
 
 
 def _layout(t: torch.Tensor) -> samples.Layout:
@@ -1114,6 +1153,12 @@ def _torch_function(
 ) -> Any:
     if kwargs is None:
         kwargs = {}
+    if func is _DETACH and _compat.called_by_parameter_new():
+        # torch.nn.Parameter(p) (parametrize re-registering a tracked weight) needs the
+        # subclass kept; every other detach() gives a plain tensor (state_dict, user code)
+        with _NoSubclass():
+            plain = args[0].detach()
+        return torch.Tensor._make_subclass(cls, plain, False)
     if not torch.is_grad_enabled() or _bypass.bypassed():
         return _plain(func, types, args, kwargs)
     func = getattr(func, "torch_function", func)  # a truegrad door (patch_torch): torch's own
@@ -1129,6 +1174,10 @@ def _torch_function(
         return _plain(func, types, args, kwargs)
     if not forward.in_call():
         return _outside_call(handler, func, args, kwargs)
+    for value in (*args, *kwargs.values()):
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if type(t) is torch.nn.Parameter and t.requires_grad:
+                _met_untracked(t)
     with _NoSubclass():
         if handler is None:
             return _generic(func, args, kwargs)

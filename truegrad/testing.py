@@ -86,6 +86,8 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
         rule = tnn.REGISTRY.lookup(type(module))
         if rule is not None and isinstance(module, rule.module_type):
             original = getattr(type(module), "_truegrad_original", rule.torch_type)
+            if torch.nn.utils.parametrize.is_parametrized(module):
+                original = _parametrized_twin(type(module), original)
             module.__class__ = original
         for param in module.parameters(recurse=False):
             if isinstance(param, TrueGradParameter):
@@ -94,6 +96,20 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
             statistic.clear([param])
     return twin
 
+
+
+_PARAMETRIZED_TWINS: dict[tuple[type, type], type] = {}
+
+
+def _parametrized_twin(cls: type, base: type) -> type:
+    """The class ``torch.nn.utils.parametrize`` made for a parametrized ``truegrad.nn``
+    module (``ParametrizedLinear``, a subclass of ``truegrad.nn.Linear`` holding the
+    parametrized properties), rebuilt on the torch class ``base``."""
+    twin = _PARAMETRIZED_TWINS.get((cls, base))
+    if twin is None:
+        attributes = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        twin = _PARAMETRIZED_TWINS[(cls, base)] = type(cls.__name__, (base,), attributes)
+    return twin
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

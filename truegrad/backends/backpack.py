@@ -68,6 +68,7 @@ import contextlib
 import functools
 import logging
 import threading
+import weakref
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -75,7 +76,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from truegrad import _bypass, _names, statistic
+from truegrad import _bypass, _compat, _names, statistic
 from truegrad._optional import require
 from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
 from truegrad.engine import forward, samples
@@ -354,7 +355,7 @@ _HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _REFUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: parameter -> the reason it got no statistic from the last flush (for coverage)
 _REASON: WeakIdKeyDictionary = WeakIdKeyDictionary()
-#: parameter of a hooked module -> (module, its name) for the use check (weak keys)
+#: parameter of a hooked module -> (weak reference to the module, its name) for the use check
 _WATCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _THREAD = threading.local()
 
@@ -382,8 +383,9 @@ def _observe_use(func: Any, args: tuple, kwargs: dict, result: Any) -> None:
         for t in value if isinstance(value, (list, tuple)) else (value,):
             if not isinstance(t, torch.Tensor) or t not in _WATCHED:
                 continue
-            module, name = _WATCHED[t]
-            if any(m is module for m in _active_modules()):
+            module_ref, name = _WATCHED[t]
+            module = module_ref()
+            if module is None or any(m is module for m in _active_modules()):
                 continue
             op = samples._name(func)
             _REFUSED[t] = (
@@ -435,7 +437,7 @@ def _run_extension(
         local: p.__dict__.pop(SAVEFIELD, None)
         for local, p in module.named_parameters(recurse=False)
     }
-    task = torch._C._current_graph_task_id()
+    task = _compat.current_backward_id()
     with _LOCK:
         pending = _PENDING.setdefault(task, _Task())
         pending.sizes.setdefault(grad.shape[0], []).append(_where(hook.name, module))
@@ -577,7 +579,9 @@ class BackPackBackend(Backend):
             _HOOKED[module] = hook
             hooked.append(module)
             for local in locals_:
-                _WATCHED[getattr(module, local)] = (module, module_name)
+                # a weak reference: the module holds the parameter (key), which must not be
+                # kept alive by its own entry
+                _WATCHED[getattr(module, local)] = (weakref.ref(module), module_name)
         forward.add_observer(_observe_use)
 
         def restore() -> None:

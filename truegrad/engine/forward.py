@@ -90,8 +90,10 @@ class _Tracker(TorchFunctionMode):
         return result
 
 
+#: keyword arguments that hold the batch, most telling first: a model's inputs, then a layer's
+#: (a Hugging Face layer recomputed by activation checkpointing is called with keywords only)
 _NAMED_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features",
-                 "input", "x", "inputs")
+                 "input", "x", "inputs", "hidden_states", "hidden_state", "src", "query")
 
 
 def _batch(args: tuple, kwargs: dict) -> int | None:
@@ -118,15 +120,26 @@ def _tracking_disabled() -> bool:
 
 
 class _Call:
-    __slots__ = ("n", "epoch", "mode")
+    __slots__ = ("n", "epoch", "mode", "adopts")
 
-    def __init__(self, n: int | None, epoch: int, mode: _Tracker | None) -> None:
+    def __init__(self, n: int | None, epoch: int, mode: _Tracker | None, adopts: bool) -> None:
         self.n = n
         self.epoch = epoch
         self.mode = mode
+        #: a call found by the global hooks (a model of truegrad.nn modules, no backend): a
+        #: plain trainable parameter met by a tracked op is tracked from then on (one a
+        #: parametrization registered on a truegrad.nn module); a prepared model's call
+        #: leaves that to its backend (prepare again) and records why it has no statistic
+        self.adopts = adopts
 
 
-def enter(args: tuple, kwargs: dict) -> None:
+def adopts_parameters() -> bool:
+    """Whether the model call in progress tracks plain parameters it meets (see ``_Call``)."""
+    call = getattr(_STATE, "call", None)
+    return call is not None and call.adopts
+
+
+def enter(args: tuple, kwargs: dict, adopts: bool = False) -> None:
     """Start of a module call (pre-hook): the outermost one begins a model call."""
     depth = getattr(_STATE, "depth", 0)
     _STATE.depth = depth + 1
@@ -144,7 +157,7 @@ def enter(args: tuple, kwargs: dict) -> None:
                 samples.tag(t, layout)
     mode = _Tracker()
     mode.__enter__()
-    _STATE.call = _Call(n, epoch, mode)
+    _STATE.call = _Call(n, epoch, mode, adopts)
 
 
 def exit() -> None:
@@ -282,7 +295,7 @@ def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
     stack.append((id(module), outermost))
     if outermost:
         _opened(1)
-        enter(args, _compat.module_call_kwargs())
+        enter(args, _compat.module_call_kwargs(), adopts=True)
     else:
         _STATE.depth += 1  # an inner module call: nothing to record
 

@@ -158,7 +158,7 @@ class InProjectionFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        query, key, value, weight, q_weight, k_weight, v_weight, bias = ctx.saved_tensors
+        query, key, value, weight, q_weight, k_weight, v_weight, bias = base.saved(ctx)
         dtype = ctx.compute_dtype
         needs = ctx.needs_input_grad
         groups = _groups(ctx.mode, query, key, value, weight, q_weight, k_weight, v_weight, bias)
@@ -340,7 +340,7 @@ class OutProjectionFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight = ctx.saved_tensors
+        input, weight = base.saved(ctx)
         dtype = ctx.compute_dtype
         x = input.to(dtype)
         grad_input = grad_weight = grad_bias = None

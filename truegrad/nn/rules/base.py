@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from truegrad import _bypass, statistic
+from truegrad import _bypass, _compat, statistic
 from truegrad._weakid import WeakIdMap
 from truegrad.engine.samples import Layout
 from truegrad.nn import settings
@@ -101,18 +101,40 @@ class RuleFunction(torch.autograd.Function):
         for name in ("setup_context", "backward"):
             method = cls.__dict__.get(name)
             if isinstance(method, staticmethod):
-                setattr(cls, name, staticmethod(_without_subclass(method.__func__)))
+                wrapped = _without_subclass(method.__func__, unpack=name == "backward")
+                setattr(cls, name, staticmethod(wrapped))
 
 
-def _without_subclass(function: Callable[..., Any]) -> Callable[..., Any]:
+def _without_subclass(function: Callable[..., Any], unpack: bool = False) -> Callable[..., Any]:
+    """``function`` run with subclass dispatch off; with ``unpack``, a backward whose saved
+    tensors are unpacked first, with dispatch on: under activation checkpointing
+    (``torch.utils.checkpoint``) unpacking recomputes the checkpointed forward, which must
+    go through the engine exactly as the original forward did (same rules, same saved
+    tensors), not through plain torch."""
+
     def wrapped(*args: Any) -> Any:
-        with _NoSubclass():
-            return function(*args)
+        if not unpack:
+            with _NoSubclass():
+                return function(*args)
+        ctx = args[0]
+        ctx._tg_saved = ctx.saved_tensors  # once: a checkpoint allows a single unpacking
+        try:
+            with _NoSubclass():
+                return function(*args)
+        finally:
+            ctx._tg_saved = None
 
     wrapped.__name__ = function.__name__
     wrapped.__qualname__ = function.__qualname__
     wrapped.__doc__ = function.__doc__
     return wrapped
+
+
+def saved(ctx: Any) -> tuple[torch.Tensor, ...]:
+    """``ctx.saved_tensors`` of a rule's backward, unpacked once by :class:`RuleFunction`
+    (activation checkpointing refuses a second unpacking)."""
+    cached = getattr(ctx, "_tg_saved", None)
+    return ctx.saved_tensors if cached is None else cached
 
 
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
@@ -208,8 +230,8 @@ class _UseState:
     deferred: list[tuple[PerSample, int]] = dataclasses.field(default_factory=list)
     n_samples: int | None = None  # N of the uses kept (pending or deferred)
     abandoned: bool = False  # this backward's uses cannot be paired: no statistic
+    backward: int = -1  # the backward pass (graph task) the kept state belongs to
     hook: torch.utils.hooks.RemovableHandle | None = None
-    accumulator: Any = None  # the parameter's AccumulateGrad node
 
 
 _STATE: WeakIdMap[_UseState] = WeakIdMap()
@@ -284,14 +306,13 @@ def discard_pending(param: torch.Tensor) -> None:
 def _accumulates(param: torch.Tensor, state: _UseState | None) -> bool:
     """Whether the running backward accumulates into ``param.grad``: not when it is
     ``torch.autograd.grad(..., inputs=[x])`` for other tensors (a gradient penalty),
-    which must leave the statistic alone just as it leaves ``p.grad`` alone."""
+    which must leave the statistic alone just as it leaves ``p.grad`` alone.
+
+    The parameter's AccumulateGrad node is looked up every time (a few us), never cached:
+    the node holds the parameter, so a cache keyed by the parameter would keep it alive."""
     try:
-        node = state.accumulator if state is not None else None
-        if node is None:
-            with torch._C.DisableTorchFunctionSubclass():  # TrueGradParameter: its own node
-                node = torch.autograd.graph.get_gradient_edge(param).node
-            if state is not None:
-                state.accumulator = node
+        with torch._C.DisableTorchFunctionSubclass():  # TrueGradParameter: its own node
+            node = torch.autograd.graph.get_gradient_edge(param).node
         return bool(torch._C._will_engine_execute_node(node))
     except RuntimeError:  # not inside a backward pass: a direct call
         return True
@@ -385,6 +406,11 @@ def contribute(
     if state is not None:
         state.live.discard(ctx)
         others = len(state.live)
+        backward = _compat.current_backward_id()
+        if state.backward != backward:  # kept by a backward an exception interrupted: drop
+            state.pending, state.deferred, state.n_samples = None, [], None
+            state.abandoned = False
+            state.backward = backward
     shared = state is not None and (
         others > 0 or state.pending is not None or bool(state.deferred) or state.abandoned
     )

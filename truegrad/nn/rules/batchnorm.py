@@ -148,7 +148,7 @@ class BatchNormFunction(base.RuleFunction):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         input, weight, running_mean, running_var, save_mean, save_invstd, reserve = (
-            ctx.saved_tensors
+            base.saved(ctx)
         )
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
         grad_input, grad_weight, grad_bias = _batch_norm_backward(
@@ -292,7 +292,7 @@ class InstanceNormFunction(base.RuleFunction):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         input, weight, running_mean_, running_var_, save_mean, save_invstd, reserve = (
-            ctx.saved_tensors
+            base.saved(ctx)
         )
         b, c = input.shape[0], input.shape[1]
         shape = (1, b * c, *input.shape[2:])

@@ -67,7 +67,7 @@ class BilinearFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input1, input2, weight = ctx.saved_tensors
+        input1, input2, weight = base.saved(ctx)
         dtype = ctx.compute_dtype
         out_features, in1, in2 = weight.shape
         tri = torch.ops.aten._trilinear

@@ -110,7 +110,7 @@ class ConvFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight = ctx.saved_tensors
+        input, weight = base.saved(ctx)
         dtype = ctx.compute_dtype
         stride, padding, dilation, transposed, output_padding, groups = ctx.args
         grad_input = grad_weight = grad_bias = None

@@ -142,7 +142,7 @@ class EmbeddingFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (input,) = ctx.saved_tensors
+        (input,) = base.saved(ctx)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = torch.ops.aten.embedding_dense_backward(
@@ -328,7 +328,7 @@ class EmbeddingBagFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        input, offsets, offset2bag, bag_size, max_indices, psw, weight = ctx.saved_tensors
+        input, offsets, offset2bag, bag_size, max_indices, psw, weight = base.saved(ctx)
         grad_weight = grad_psw = None
         if ctx.needs_input_grad[1]:
             grad_weight = torch.ops.aten._embedding_bag_backward(

@@ -69,7 +69,7 @@ class LinearFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight = ctx.saved_tensors
+        input, weight = base.saved(ctx)
         dtype = ctx.compute_dtype
         grad_input = grad_weight = grad_bias = None
         needs_input, needs_weight, needs_bias, *_ = ctx.needs_input_grad

@@ -321,7 +321,7 @@ class LayerNormFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        input, weight, bias, mean, rstd = ctx.saved_tensors
+        input, weight, bias, mean, rstd = base.saved(ctx)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
             grad_output, input, list(ctx.normalized_shape), mean, rstd, weight, bias, mask
@@ -469,7 +469,7 @@ class RMSNormFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        input, weight, rstd = ctx.saved_tensors
+        input, weight, rstd = base.saved(ctx)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
         if ctx.fused:
             grad_input, grad_weight = torch.ops.aten._fused_rms_norm_backward(
@@ -561,7 +561,7 @@ class GroupNormFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        input, weight, mean, rstd = ctx.saved_tensors
+        input, weight, mean, rstd = base.saved(ctx)
         n, c = input.shape[0], input.shape[1]
         hxw = math.prod(input.shape[2:])
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]

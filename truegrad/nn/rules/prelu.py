@@ -61,7 +61,7 @@ class PReLUFunction(base.RuleFunction):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        input, weight = ctx.saved_tensors
+        input, weight = base.saved(ctx)
         dtype = ctx.compute_dtype
         shape = _broadcast_shape(input, weight)
         x = input.to(dtype)

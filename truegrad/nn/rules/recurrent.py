@@ -435,7 +435,7 @@ class RecurrentFunction(base.RuleFunction):
     @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         config: _Config = ctx.config
-        saved = ctx.saved_tensors
+        saved = base.saved(ctx)
         input, h0, c0, output = saved[:4]
         # plain tensors: a parameter subclass sees none of the backward's own ops
         params = [_plain(p) for p in saved[4:4 + ctx.n_params]]
@@ -468,7 +468,7 @@ def _backward(ctx: Any, config: _Config, input: torch.Tensor, h0: torch.Tensor,
         for layer in range(L - 1):
             x = _as_torch_runs_it(
                 lambda *a, layer=layer: _one_layer(config, *a, layer)[0], x, h0, c0,
-                ctx.saved_tensors[4:4 + len(params)])  # as in forward: requires_grad flags
+                base.saved(ctx)[4:4 + len(params)])  # as in forward: requires_grad flags
             ys.append(seq.to_tm_inner(x, dtype))
             xs.append(ys[-1])
     ys.append(seq.to_tm(output, dtype))

@@ -98,3 +98,56 @@ def test_a_backward_interrupted_between_two_uses_leaves_nothing(backend: str) ->
         _step(model, x)
         for name, p in model.named_parameters():
             torch.testing.assert_close(statistic.get(p), expected[name], rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- lifetime
+
+
+CLEARS = {
+    "model.zero_grad()": lambda model: model.zero_grad(),
+    "SGD.zero_grad()": lambda model: torch.optim.SGD(model.parameters(), lr=0.1).zero_grad(),
+    "p.grad = None": lambda model: [setattr(p, "grad", None) for p in model.parameters()],
+    "set_to_none=False": lambda model: model.zero_grad(set_to_none=False),
+}
+
+
+@pytest.mark.parametrize("clear", list(CLEARS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_the_statistic_dies_with_the_gradient(backend: str, clear: str) -> None:
+    """Finding 4: clearing the gradient by anything but TGAdamW left the statistic, and the
+    next backward added to it (TGAdamW then stepped with the sum of two batches)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    expected = testing.sum_grad_squared_oracle(
+        testing.plain_copy(model), lambda out, _: out.square().sum(), x
+    ).sum_grad_squared
+    chosen = get_backend(backend)
+    with chosen.prepare(model):
+        for _ in range(2):
+            with chosen.backward_context():
+                _step(model, x)
+            CLEARS[clear](model)
+            if clear != "set_to_none=False":  # (the gradient is gone: so is the statistic)
+                assert not any(statistic.has(p) for p in model.parameters())
+        with chosen.backward_context():
+            _step(model, x)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(statistic.get(p), expected[name], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_accumulation_without_clearing_still_adds(backend: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    expected = testing.sum_grad_squared_oracle(
+        testing.plain_copy(model), lambda out, _: out.square().sum(), x
+    ).sum_grad_squared
+    chosen = get_backend(backend)
+    with chosen.prepare(model):
+        for _ in range(3):
+            with chosen.backward_context():
+                _step(model, x)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(statistic.get(p), 3 * expected[name], rtol=1e-5, atol=1e-9)

@@ -597,6 +597,7 @@ class BackPackBackend(Backend):
                     _WATCHED.pop(param, None)
                     _REFUSED.pop(param, None)
                     _REASON.pop(param, None)
+                statistic.forget(module.parameters(recurse=False))
             for _, module in switched:
                 module.inplace = True
 

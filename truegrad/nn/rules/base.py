@@ -338,6 +338,7 @@ def forget(params: list[torch.Tensor]) -> None:
         state = _STATE.pop(param, None)
         if state is not None and state.hook is not None:
             state.hook.remove()
+    statistic.forget(params)
 
 
 def sample_major(layout: Layout | None, keep: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -151,3 +151,129 @@ def test_accumulation_without_clearing_still_adds(backend: str) -> None:
                 _step(model, x)
         for name, p in model.named_parameters():
             torch.testing.assert_close(statistic.get(p), 3 * expected[name], rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- owners
+
+
+def test_patch_torch_is_reference_counted() -> None:
+    """Finding 6: the first of two owners to undo unpatched torch under the other, whose
+    models then silently lost their statistic."""
+    from truegrad.backends.patch_torch import is_patched, patch_torch, unpatch_torch
+
+    first, second = patch_torch(), patch_torch()
+    first.undo()
+    assert is_patched()
+    layer = torch.nn.Linear(3, 2)  # built by the second owner after the first left
+    layer(torch.randn(4, 3)).sum().backward()
+    assert statistic.has(layer.weight)
+    first.undo()  # a handle undone twice does nothing
+    assert is_patched()
+    second.undo()
+    assert not is_patched()
+    third = patch_torch()
+    unpatch_torch()  # unconditional: the remaining handle's undo then does nothing
+    fourth = patch_torch()
+    third.undo()
+    assert is_patched()
+    fourth.undo()
+    assert not is_patched()
+
+
+def test_patch_torch_in_two_threads() -> None:
+    import threading
+
+    from truegrad.backends.patch_torch import is_patched, patch_torch
+
+    inside = threading.Barrier(2)
+    leave = threading.Barrier(2)
+    seen: list[bool] = []
+
+    def owner(delay_exit: bool) -> None:
+        with patch_torch():
+            inside.wait()
+            if delay_exit:
+                leave.wait()  # the other owner has left: torch must still be patched
+                seen.append(is_patched() and statistic is not None)
+                layer = torch.nn.Linear(3, 2)
+                layer(torch.randn(4, 3)).sum().backward()
+                seen.append(statistic.has(layer.weight))
+        if not delay_exit:
+            leave.wait()
+
+    threads = [threading.Thread(target=owner, args=(d,)) for d in (False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True, True]
+    assert not is_patched()
+
+
+def test_tables_built_while_torch_is_patched_serve_after_unpatch() -> None:
+    """The engine's op table was built lazily from the live torch namespace: built during
+    the first model call under patch_torch, it held truegrad's doors, and every later model
+    lost its samples at the first convolution after unpatching (no statistic from there)."""
+    from truegrad.backends.patch_torch import patch_torch
+    from truegrad.engine import samples
+
+    samples._TABLE.clear()
+    with patch_torch():
+        layer = torch.nn.Linear(3, 2)
+        layer(torch.randn(4, 3))  # builds the table while torch is patched
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    )
+    x = torch.randn(5, 2, 4, 4)
+    expected = testing.sum_grad_squared_oracle(
+        testing.plain_copy(model), lambda out, _: out.square().sum(), x
+    ).sum_grad_squared
+    with get_backend("nn").prepare(model):
+        _step(model, x)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(statistic.get(p), expected[name], rtol=1e-5, atol=1e-9)
+    del layer
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_undo_of_a_second_prepare_does_nothing(backend: str) -> None:
+    """Finding 5: preparing twice and undoing the second (no-op) handle removed the
+    'prepared' mark, and a second backend was then accepted on top (statistic 2x)."""
+    model = Twice()
+    first = get_backend(backend).prepare(model)
+    second = get_backend(backend).prepare(model)
+    second.undo()
+    other = "backpack" if backend != "backpack" else "auto"
+    with pytest.raises(ValueError, match=f"already prepared by backend '{backend}'.*'{other}'"):
+        get_backend(other).prepare(model)
+    first.undo()
+    get_backend(other).prepare(model).undo()  # free again
+
+
+def test_backpack_refuses_a_model_the_engine_tracks() -> None:
+    """Finding 5: a model of truegrad.nn modules (or built under patch_torch) prepared with
+    BackPack got both statistics added (2x)."""
+    model = Twice(truegrad.nn)
+    with pytest.raises(ValueError, match=r"backend 'backpack' cannot prepare Twice: 4 of its parameters \('layer.weight'"):
+        get_backend("backpack").prepare(model)
+
+
+def test_backpack_while_patch_torch_is_active_counts_once() -> None:
+    """Finding 5: with patch_torch active anywhere, torch's functionals are truegrad's doors,
+    which added their own statistic for BackPack's (plain) parameters: 2x."""
+    from truegrad.backends.patch_torch import patch_torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    expected = testing.sum_grad_squared_oracle(
+        testing.plain_copy(model), lambda out, _: out.square().sum(), x
+    ).sum_grad_squared
+    backpack = get_backend("backpack")
+    with backpack.prepare(model), patch_torch():
+        with backpack.backward_context():
+            _step(model, x)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(statistic.get(p), expected[name], rtol=1e-5, atol=1e-9)

@@ -110,7 +110,10 @@ def test_unpatch_restores_every_name_by_identity_and_old_references_work() -> No
     names = patched_names()
     assert "torch.nn.functional.linear" in names and "torch.nn.Linear" in names and "torch.conv2d" in names
     assert torch.nn.Linear is not originals["Linear"] and F.linear is not originals["F.linear"]
-    assert patch_torch().owns is False  # idempotent: a second call changes nothing
+    second = patch_torch()
+    assert second.owns is False  # a second call changes nothing in torch, counts a user
+    second.undo()
+    assert is_patched()  # the first handle still holds the patch
     layer = torch.nn.Linear(3, 2)
     # a reference taken before patching still computes (without a statistic)
     plain_out = linear_before(torch.randn(4, 3), layer.weight)

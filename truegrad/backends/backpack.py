@@ -78,8 +78,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from truegrad import _bypass, _compat, _names, statistic
 from truegrad._optional import require
-from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
-from truegrad.engine import forward, samples
+from truegrad.backends.base import Backend, Handle, already_prepared, check_model, mark_prepared
+from truegrad.engine import door, forward, samples
 
 __all__ = [
     "BackPackBackend",
@@ -394,6 +394,23 @@ def _observe_use(func: Any, args: tuple, kwargs: dict, result: Any) -> None:
             )
 
 
+def _refuse_tracked(model: torch.nn.Module) -> None:
+    """BackPack on parameters the engine tracks (``truegrad.nn`` modules, a model built while
+    ``patch_torch`` was active) would add a second statistic to the engine's."""
+    from truegrad.parameter import TrueGradParameter
+
+    tracked = [n for n, p in model.named_parameters() if isinstance(p, TrueGradParameter)]
+    if tracked:
+        shown = ", ".join(repr(n) for n in tracked[:5]) + (" ..." if len(tracked) > 5 else "")
+        raise ValueError(
+            f"backend 'backpack' cannot prepare {type(model).__qualname__}: {len(tracked)} of its "
+            f"parameters ({shown}) belong to truegrad.nn modules (or the model was built while "
+            "patch_torch was active), which compute sum_grad_squared themselves, and BackPack "
+            "would add a second statistic. Build the model from torch.nn, or use backend "
+            "'auto' (the same statistic)."
+        )
+
+
 def _float(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         return x.to(dtype)
@@ -549,6 +566,9 @@ class BackPackBackend(Backend):
         handle whose ``undo()`` removes this call's hooks and restores its flags.
         """
         check_model(model, self.name)
+        if (done := already_prepared(model, self.name)) is not None:
+            return done
+        _refuse_tracked(model)
         _names.remember(model)
         handle = Handle(f"backpack on {type(model).__qualname__}")
         coverage = _coverage(model)
@@ -582,6 +602,9 @@ class BackPackBackend(Backend):
                 # a weak reference: the module holds the parameter (key), which must not be
                 # kept alive by its own entry
                 _WATCHED[getattr(module, local)] = (weakref.ref(module), module_name)
+        claimed = [p for module in hooked for p in module.parameters(recurse=False)]
+        door.claim(claimed, self.name)
+        handle.on_undo(lambda: door.release(claimed))
         forward.add_observer(_observe_use)
 
         def restore() -> None:

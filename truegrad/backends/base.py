@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Backend", "Handle", "check_model", "mark_prepared"]
+__all__ = ["Backend", "Handle", "already_prepared", "check_model", "mark_prepared"]
 
-#: model -> name of the backend whose handle is active on it
+#: model -> names of the backends whose handles are active on it (one entry per handle)
 _PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: backends that may be active on one model together (same mechanism: truegrad.nn modules)
 _COMPATIBLE = frozenset({"nn", "patch_torch"})
@@ -86,13 +86,13 @@ def check_model(model: object, backend: str) -> torch.nn.Module:
             f"backend {backend!r} needs a torch.nn.Module, got {type(model).__module__}."
             f"{type(model).__qualname__}"
         )
-    other = _PREPARED.get(model)
-    if other is not None and other != backend and {other, backend} != _COMPATIBLE:
-        raise ValueError(
-            f"{type(model).__qualname__} is already prepared by backend {other!r}; call undo() "
-            f"on that handle before preparing it with {backend!r} (two backends would both add "
-            "to sum_grad_squared)"
-        )
+    for other in _PREPARED.get(model, ()):
+        if other != backend and {other, backend} != _COMPATIBLE:
+            raise ValueError(
+                f"{type(model).__qualname__} is already prepared by backend {other!r}; call "
+                f"undo() on that handle before preparing it with {backend!r} (two backends "
+                "would both add to sum_grad_squared)"
+            )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             f"{type(model).__qualname__} has no trainable parameters (none with "
@@ -107,13 +107,34 @@ def _run_eagerly(model: torch.nn.Module, handle: Handle) -> None:
     handle.on_undo(forward.run_eagerly(model))
 
 
+def already_prepared(model: torch.nn.Module, backend: str) -> Handle | None:
+    """A handle that does nothing, when ``backend`` is already active on ``model`` (preparing
+    twice changes nothing; undoing the second handle must not undo the first), else ``None``."""
+    if backend in _PREPARED.get(model, ()):
+        handle = Handle(f"{backend} on {type(model).__qualname__} (already prepared: nothing to undo)")
+        handle.done = True
+        return handle
+    return None
+
+
 def mark_prepared(model: torch.nn.Module, backend: str, handle: Handle) -> Handle:
     """Record that ``backend`` is active on ``model`` until ``handle.undo()`` (and make its
     forward run eagerly under ``torch.compile``); returns ``handle``."""
-    _PREPARED[model] = backend
+    active = _PREPARED.get(model)
+    if active is None:
+        active = _PREPARED[model] = []
+    active.append(backend)
     from truegrad.engine import forward  # the engine imports truegrad.nn
 
     handle.on_undo(forward.hook_model(model))
     _run_eagerly(model, handle)
-    handle.on_undo(lambda: _PREPARED.pop(model, None) if _PREPARED.get(model) == backend else None)
+
+    def unmark() -> None:
+        entries = _PREPARED.get(model)
+        if entries is not None and backend in entries:
+            entries.remove(backend)
+            if not entries:
+                _PREPARED.pop(model, None)
+
+    handle.on_undo(unmark)
     return handle

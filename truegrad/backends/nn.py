@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
+from truegrad.backends.base import Backend, Handle, already_prepared, check_model, mark_prepared
 from truegrad.backends.convert import convert_modules
 from truegrad.backends.patch_model import engine_coverage
 
@@ -22,6 +22,8 @@ class NNBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> Handle:
         check_model(model, self.name)
+        if (done := already_prepared(model, self.name)) is not None:
+            return done
         return mark_prepared(model, self.name, convert_modules(model))
 
     def coverage(self, model: torch.nn.Module) -> dict[str, str | None]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from truegrad import _names, parameter
-from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
+from truegrad.backends.base import Backend, Handle, already_prepared, check_model, mark_prepared
 from truegrad.parameter import TrueGradParameter
 
 __all__ = ["AutoBackend", "PatchModelBackend", "engine_coverage", "uncovered"]
@@ -40,6 +40,8 @@ class PatchModelBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> Handle:
         check_model(model, self.name)
+        if (done := already_prepared(model, self.name)) is not None:
+            return done
         handle = Handle(f"patch_model on {type(model).__qualname__}")
         _names.remember(model)
         changed = parameter.track(model.parameters())

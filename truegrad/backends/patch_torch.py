@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional
 
 from truegrad._originals import ORIGINALS as _ORIGINALS
-from truegrad.backends.base import Backend, Handle, check_model, mark_prepared
+from truegrad.backends.base import Backend, Handle, already_prepared, check_model, mark_prepared
 from truegrad.backends.convert import convert_modules
 from truegrad.backends.patch_model import engine_coverage
 
@@ -68,38 +68,66 @@ def patched_names() -> list[str]:
 
 
 class _PatchHandle(Handle):
-    """Returned by :func:`patch_torch`; a context manager that unpatches on exit if this
-    call did the patching (a nested ``with patch_torch():`` leaves the outer patch alone)."""
+    """Returned by :func:`patch_torch`: one reference to the patch. Torch stays patched while
+    any handle is active; the last ``undo()`` (or ``with`` exit) restores it. ``owns`` says
+    whether this call did the patching."""
 
-    def __init__(self, owns: bool) -> None:
+    def __init__(self, owns: bool, generation: int) -> None:
         super().__init__("patch_torch")
         self.owns = owns
-        if owns:
-            self.on_undo(unpatch_torch)
+        self.on_undo(lambda: _release(generation))
+
+
+_USERS = 0  # active patch_torch handles
+_GENERATION = 0  # bumped by unpatch_torch(): handles of an earlier patch release nothing
+
+
+def _release(generation: int) -> None:
+    global _USERS
+    with _LOCK:
+        if generation != _GENERATION or _USERS == 0:
+            return
+        _USERS -= 1
+        if _USERS == 0:
+            _restore()
 
 
 def patch_torch() -> Handle:
-    """Replace torch's covered module classes and functionals by truegrad's (idempotent).
+    """Replace torch's covered module classes and functionals by truegrad's.
 
-    Call it before the model is created. Returns a handle: ``handle.undo()`` (or leaving
-    ``with patch_torch():``) restores torch if this call patched it; :func:`unpatch_torch`
-    restores it unconditionally.
+    Call it before the model is created. Reference-counted: every call returns a handle,
+    torch stays patched while any is active, and ``handle.undo()`` (or leaving
+    ``with patch_torch():``) of the last one restores torch; :func:`unpatch_torch` restores
+    it unconditionally. The patch is process-wide: while it is active, every thread that
+    builds a ``torch.nn.Linear`` (or another covered class) gets truegrad's class, and calls
+    of the covered ``torch.nn.functional`` functions go through truegrad's (which act as
+    torch's for tensors truegrad does not track).
     """
+    global _USERS
     with _LOCK:
-        if _ORIGINALS:
-            return _PatchHandle(owns=False)
-        for owner, name, replacement in _targets():
-            _ORIGINALS[(owner, name)] = getattr(owner, name)
-            setattr(owner, name, replacement)
-        return _PatchHandle(owns=True)
+        owns = not _ORIGINALS
+        if owns:
+            for owner, name, replacement in _targets():
+                _ORIGINALS[(owner, name)] = getattr(owner, name)
+                setattr(owner, name, replacement)
+        _USERS += 1
+        return _PatchHandle(owns=owns, generation=_GENERATION)
+
+
+def _restore() -> None:
+    while _ORIGINALS:
+        (owner, name), original = _ORIGINALS.popitem()
+        setattr(owner, name, original)
 
 
 def unpatch_torch() -> None:
-    """Restore every name :func:`patch_torch` replaced (identity-equal to before). Idempotent."""
+    """Restore every name :func:`patch_torch` replaced (identity-equal to before), whatever
+    handles are still active (their ``undo()`` then does nothing). Idempotent."""
+    global _USERS, _GENERATION
     with _LOCK:
-        while _ORIGINALS:
-            (owner, name), original = _ORIGINALS.popitem()
-            setattr(owner, name, original)
+        _restore()
+        _USERS = 0
+        _GENERATION += 1
 
 
 class PatchTorchBackend(Backend):
@@ -109,6 +137,8 @@ class PatchTorchBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> Handle:
         check_model(model, self.name)
+        if (done := already_prepared(model, self.name)) is not None:
+            return done
         handle = Handle(f"patch_torch on {type(model).__qualname__}")
         patch = patch_torch()
         handle.on_undo(patch.undo)

@@ -15,14 +15,24 @@ op's input as the samples.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from truegrad import _bypass
 
-__all__ = ["call", "options", "refuse_traced", "refuse_traced_module", "takes"]
+__all__ = [
+    "call",
+    "claim",
+    "claimed",
+    "options",
+    "refuse_traced",
+    "refuse_traced_module",
+    "release",
+    "takes",
+]
 
 _STATE = threading.local()
 _OPTION_NAMES = ("granularity", "samples")
@@ -47,6 +57,32 @@ def takes(args: tuple, kwargs: dict) -> bool:
                 return True
         elif _is_tracked(value):
             return True
+    return False
+
+
+#: parameters another backend computes the statistic of (BackPack): a door given one runs
+#: torch's function, so that ``patch_torch`` active in the same process adds nothing to it
+_CLAIMED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def claim(params: Iterable[torch.Tensor], backend: str) -> None:
+    for param in params:
+        _CLAIMED[param] = backend
+
+
+def release(params: Iterable[torch.Tensor]) -> None:
+    for param in params:
+        _CLAIMED.pop(param, None)
+
+
+def claimed(args: tuple, kwargs: dict) -> bool:
+    """Whether a parameter among the arguments is computed by another backend."""
+    if not _CLAIMED:
+        return False
+    for value in (*args, *kwargs.values()):
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor) and t in _CLAIMED:
+                return True
     return False
 
 

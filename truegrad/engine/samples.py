@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from truegrad import _originals
+
 __all__ = [
     "Layout",
     "Lost",
@@ -871,8 +873,11 @@ def _no_batch(func: Any, args: tuple, kwargs: dict, result: Any, tagged: list) -
 
 
 def _build() -> dict[Any, Rule]:
+    # torch's own functions even while patch_torch has replaced names (the table may be built
+    # then): the tracking mode maps a truegrad door back to torch's function before lookup
     T = torch.Tensor
-    F = torch.nn.functional
+    F = _originals.F
+    torch_ = _originals.T
     table: dict[Any, Rule] = {}
 
     def add(rule: Rule, *functions: Any) -> None:
@@ -917,7 +922,7 @@ def _build() -> dict[Any, Rule]:
         "__gt__", "__ge__", "__pos__",
     ]
     for name in pointwise_names + dunder:
-        add(_pointwise, getattr(T, name, None), getattr(torch, name, None))
+        add(_pointwise, getattr(T, name, None), getattr(torch_, name, None))
     for name in ["relu", "relu_", "gelu", "silu", "mish", "softplus", "elu", "elu_", "selu",
                  "celu", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_", "relu6",
                  "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink",
@@ -925,30 +930,30 @@ def _build() -> dict[Any, Rule]:
                  "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "sigmoid",
                  "tanh", "rrelu"]:
         add(_pointwise, getattr(F, name, None))
-    add(_pointwise, getattr(torch, "rsub", None), getattr(torch._C._nn, "gelu", None))
+    add(_pointwise, getattr(torch_, "rsub", None), getattr(torch._C._nn, "gelu", None))
     add(_first_only, T.type_as)
     for name in ["view", "reshape", "view_as", "reshape_as"]:
-        add(_reshape, getattr(T, name, None), getattr(torch, name, None))
+        add(_reshape, getattr(T, name, None), getattr(torch_, name, None))
     for name in ["transpose", "swapaxes", "swapdims", "t", "permute", "movedim", "moveaxis",
                  "unsqueeze", "squeeze", "expand", "expand_as", "flatten", "unflatten",
                  "broadcast_to", "ravel", "unsqueeze_", "squeeze_", "t_", "transpose_"]:
-        add(_dims_map, getattr(T, name, None), getattr(torch, name, None))
+        add(_dims_map, getattr(T, name, None), getattr(torch_, name, None))
     for name in ["T", "mT"]:
         add(_dims_map, getattr(T, name).__get__)
     for name in ["data"]:
         add(_first_only, getattr(T, name).__get__)
     for name in ["split", "chunk", "unbind", "narrow", "select", "tensor_split",
                  "split_with_sizes", "index_select", "unfold"]:
-        add(_narrowing, getattr(T, name, None), getattr(torch, name, None))
+        add(_narrowing, getattr(T, name, None), getattr(torch_, name, None))
     add(_narrowing, getattr(torch.functional, "split", None))
     for name in ["sum", "mean", "prod", "amax", "amin", "std", "var", "logsumexp", "nansum",
                  "nanmean", "all", "any", "count_nonzero", "argmax", "argmin", "max", "min",
                  "median", "nanmedian", "mode", "std_mean", "var_mean", "aminmax"]:
-        add(_dim_op(False), getattr(T, name, None), getattr(torch, name, None))
+        add(_dim_op(False), getattr(T, name, None), getattr(torch_, name, None))
     add(_dim_op(False, dim_index=2), T.norm, torch.norm)
     for name in ["softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp",
                  "sort", "argsort"]:
-        add(_dim_op(True), getattr(T, name, None), getattr(torch, name, None))
+        add(_dim_op(True), getattr(T, name, None), getattr(torch_, name, None))
     for name in ["softmax", "log_softmax", "softmin", "glu"]:
         add(_dim_op(True), getattr(F, name, None))
     add(_dim_op(True, dim_index=2), F.normalize)
@@ -969,8 +974,8 @@ def _build() -> dict[Any, Rule]:
     add(_layer_norm, F.layer_norm, getattr(F, "rms_norm", None))
     add(_embedding, F.embedding, F.one_hot)
     add(_embedding_bag, F.embedding_bag)
-    add(_bilinear, F.bilinear, torch.bilinear)
-    add(_like_first, F.prelu, torch.prelu, getattr(torch, "_prelu_kernel", None))
+    add(_bilinear, F.bilinear, torch_.bilinear)
+    add(_like_first, F.prelu, torch_.prelu, getattr(torch_, "_prelu_kernel", None))
     for name in ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                  "conv_transpose3d", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
                  "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -985,16 +990,16 @@ def _build() -> dict[Any, Rule]:
                  "conv_transpose3d", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
                  "adaptive_avg_pool1d", "adaptive_max_pool1d", "group_norm", "instance_norm",
                  "batch_norm", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle"]:
-        add(_leading_batch, getattr(torch, name, None))
-    add(_pad, F.pad, getattr(torch._C._nn, "pad", None), getattr(torch, "constant_pad_nd", None))
+        add(_leading_batch, getattr(torch_, name, None))
+    add(_pad, F.pad, getattr(torch._C._nn, "pad", None), getattr(torch_, "constant_pad_nd", None))
     add(_attention, F.scaled_dot_product_attention)
     add(_mha, F.multi_head_attention_forward)
     for name in ["lstm", "gru", "rnn_tanh", "rnn_relu"]:
-        add(_recurrent, getattr(torch, name, None))
+        add(_recurrent, getattr(torch_, name, None))
     for name in ["zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
                  "randint_like", "zeros", "ones", "empty", "full", "rand", "randn", "randint",
                  "eye", "tensor", "as_tensor"]:
-        add(_no_batch, getattr(torch, name, None))  # tensors among their arguments are sizes
+        add(_no_batch, getattr(torch_, name, None))  # tensors among their arguments are sizes
     for name in ["new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "size", "dim",
                  "numel", "element_size", "nelement", "stride", "data_ptr", "is_contiguous",
                  "storage_offset", "untyped_storage", "is_floating_point", "is_complex",
@@ -1003,9 +1008,9 @@ def _build() -> dict[Any, Rule]:
                  "register_hook", "retain_grad", "backward", "__reduce_ex__", "__deepcopy__",
                  "__iter__", "__contains__", "__array__", "dim_order", "has_names"]:
         add(_no_batch, getattr(T, name, None))
-    add(_no_batch, torch.equal, torch.is_tensor, torch.numel, getattr(torch, "is_floating_point", None),
-        getattr(torch, "is_nonzero", None), getattr(torch, "result_type", None),
-        getattr(torch, "can_cast", None), getattr(torch, "promote_types", None))
+    add(_no_batch, torch_.equal, torch_.is_tensor, torch_.numel, getattr(torch_, "is_floating_point", None),
+        getattr(torch_, "is_nonzero", None), getattr(torch_, "result_type", None),
+        getattr(torch_, "can_cast", None), getattr(torch_, "promote_types", None))
     return table
 
 

@@ -49,6 +49,8 @@ def _make_door(name: str, rule: _Callable[..., _Any]) -> _Callable[..., _Any]:
             if kwargs.get("granularity") is not None:
                 _settings.resolve_granularity(kwargs["granularity"])  # a bad value raises here
             return _door.call(torch_function, args, kwargs)
+        if _door.claimed(args, kwargs):  # BackPack computes these: torch's function, no statistic
+            return torch_function(*args, **{k: v for k, v in kwargs.items() if k != "granularity"})
         return rule(*args, **kwargs)
 
     @_torch.compiler.disable

@@ -479,6 +479,8 @@ class _Task:
 
 _LOCK = threading.Lock()
 _PENDING: dict[int, _Task] = {}  # graph task id -> _Task
+#: held by backward_context: BackPack's extension context is process-wide state
+_BACKWARD_LOCK = threading.RLock()
 
 
 def _flush(keep: bool) -> None:
@@ -650,11 +652,13 @@ class BackPackBackend(Backend):
     def backward_context(self) -> Iterator[None]:
         """Run the backward(s) of prepared models inside this; on exit every backward's
         result is added to ``p.sum_grad_squared``. If the block raises, nothing is added
-        and BackPack's global state is restored all the same."""
-        try:
-            with self._backpack.backpack(_extension()):
-                yield
-        except BaseException:
-            _flush(keep=False)
-            raise
-        _flush(keep=True)
+        and BackPack's global state is restored all the same. BackPack's own state is
+        process-wide, so blocks of different threads run one at a time (a lock)."""
+        with _BACKWARD_LOCK:
+            try:
+                with self._backpack.backpack(_extension()):
+                    yield
+            except BaseException:
+                _flush(keep=False)
+                raise
+            _flush(keep=True)

@@ -1,4 +1,4 @@
-"""Process-wide settings of the ``truegrad.nn`` backend.
+"""Process-wide settings of the rules (every engine backend and ``truegrad.nn``).
 
 ``chunk_bytes``
     Upper bound (default 256 MiB) on the extra memory that per-sample
@@ -71,21 +71,26 @@ def configure(
     granularity: Granularity | None = None,
     bitwise_grad: bool | None = None,
 ) -> Iterator[None]:
-    """Temporarily change the settings; the previous values are restored on exit."""
-    global_vars = globals()
-    previous = {
-        name: global_vars[name] for name in ("chunk_bytes", "granularity", "bitwise_grad")
-    }
+    """Change the settings for the duration of a ``with`` block; the previous values are
+    restored on exit. Every value is checked before any is changed, so a bad one raises
+    and changes nothing. The settings are process-wide (backward may run on other threads,
+    e.g. CUDA's autograd threads, which must see them): a block changes them for every
+    thread while it lasts. Outside a ``with`` block, assign the attribute
+    (``truegrad.nn.settings.bitwise_grad = True``)."""
+    changes: dict[str, object] = {}
     if chunk_bytes is not None:
-        if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        global_vars["chunk_bytes"] = chunk_bytes
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
+        changes["chunk_bytes"] = chunk_bytes
     if granularity is not None:
-        global_vars["granularity"] = resolve_granularity(granularity)
+        changes["granularity"] = resolve_granularity(granularity)
     if bitwise_grad is not None:
         if not isinstance(bitwise_grad, bool):
-            raise ValueError(f"bitwise_grad must be a bool, got {bitwise_grad!r}")
-        global_vars["bitwise_grad"] = bitwise_grad
+            raise ValueError(f"bitwise_grad must be True or False, got {bitwise_grad!r}")
+        changes["bitwise_grad"] = bitwise_grad
+    global_vars = globals()
+    previous = {name: global_vars[name] for name in changes}
+    global_vars.update(changes)
     try:
         yield
     finally:

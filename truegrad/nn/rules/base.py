@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import threading
 import weakref
 
 from collections.abc import Callable
@@ -184,7 +185,9 @@ def _apply(function: type[torch.autograd.Function], *args: object) -> torch.Tens
     return function.apply(*args)
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
+#: per thread (two threads training two models must not share a buffer): (device, dtype,
+#: slot) -> buffer; a thread's buffers go with it
+_SCRATCH = threading.local()
 
 
 def scratch(
@@ -193,20 +196,23 @@ def scratch(
     """A reusable buffer for one chunk of per-sample gradients (see :func:`contribute`'s
     ``per_sample_owned``) or another large temporary. Fresh large CPU tensors are
     page-faulted in on every backward, which costs as much as squaring them; one buffer
-    per device, dtype and ``slot`` (a rule needing two at once uses two slots), as large
-    as the largest request so far (at most ``settings.chunk_bytes`` plus one sample),
-    avoids that. Only valid until the next call for the same slot."""
+    per thread, device, dtype and ``slot`` (a rule needing two at once uses two slots), as
+    large as the largest request so far (at most ``settings.chunk_bytes`` plus one sample),
+    avoids that. Only valid until the next call for the same slot in the same thread."""
     numel = math.prod(shape)
     key = (device, dtype, slot)
-    buffer = _SCRATCH.get(key)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
 
 
 def release_scratch() -> None:
-    """Free the buffers kept by :func:`scratch`."""
-    _SCRATCH.clear()
+    """Free the buffers :func:`scratch` keeps for this thread."""
+    _SCRATCH.buffers = {}
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

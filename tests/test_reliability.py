@@ -383,3 +383,27 @@ def test_three_threads_train_their_own_models_bitwise_as_alone(backend: str) -> 
     for seed in seeds:
         for step, (a, b) in enumerate(zip(alone[seed], together[seed])):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), (seed, step)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_a_bad_statistic_in_a_later_group_changes_no_group() -> None:
+    """Finding 7's companion: each group was checked when its turn came, so earlier groups
+    had stepped before a later group's bad statistic raised."""
+    from truegrad.optim import TGAdamW
+
+    first, second = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    optimizer = TGAdamW([
+        {"params": list(first.named_parameters())},
+        {"params": list(second.named_parameters())},
+    ])
+    for p in [*first.parameters(), *second.parameters()]:
+        p.grad = torch.randn_like(p)
+        p.sum_grad_squared = torch.rand_like(p)
+    second.weight.sum_grad_squared = torch.rand(4, 2)  # transposed: same numel, wrong shape
+    before = [p.detach().clone() for p in [*first.parameters(), *second.parameters()]]
+    with pytest.raises(ValueError, match=r"of 'weight' \(index 2, shape \(2, 4\)\) has shape \(4, 2\)"):
+        optimizer.step()
+    after = [p.detach() for p in [*first.parameters(), *second.parameters()]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -46,6 +46,11 @@ materialised only for its norm (``graft=True``), and the update is added with on
   half a second, once per machine: cached on disk) and quietly keeps the single-tensor
   loop where no C compiler works.
 
+Before any of them runs, ``tgadamw`` checks the shapes (``_check_tensors``): a
+gradient, statistic or state tensor of another shape than its parameter, or a
+statistic on another device, raises the same ``ValueError`` for every implementation,
+before any tensor is changed.
+
 Low-precision parameters (bf16/fp16) keep float32 state; their update is computed
 in float32 and rounded once when written back.
 
@@ -60,6 +65,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -97,6 +103,78 @@ def _step_scalars(
 def _pick(index: list[int], lists: tuple[list, ...]) -> tuple[list, ...]:
     """Entries ``index`` of each of the parallel per-parameter lists (params, grads, ...)."""
     return tuple([lst[i] for i in index] for lst in lists)
+
+
+# ----------------------------------------------------------------- validation
+
+_STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_true_sq")
+
+
+def _describe_position(i: int) -> str:
+    return f"parameter index {i} (among the parameters of its group that have a gradient)"
+
+
+def _check_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    stats: list[Tensor | None],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_true_sqs: list[Tensor | None],
+    describe: Callable[[int], str] | None = None,
+) -> None:
+    """Raise ``ValueError`` when a gradient, statistic or state tensor of a parameter has
+    another shape than the parameter, or the statistic lies on another device, before
+    any tensor is changed. Every implementation would otherwise fail half-way (after
+    updating the moments of earlier parameters), broadcast a statistic of shape
+    ``(3, 1)`` over a ``(3, 4)`` parameter without a word, or, in the C kernel, read
+    past the end of it. A statistic of the parameter's number of elements in another
+    shape is refused as well (``statistic.add`` demands the exact shape).
+
+    ``describe(i)`` names parameter ``i`` of the lists in the message (its name and its
+    index in the optimizer); by default its position in the lists.
+    """
+    # the tensors' own attributes: no __torch_function__ of a subclass (TrueGradParameter)
+    # runs for them, nor can one misreport them
+    with torch._C.DisableTorchFunctionSubclass():
+        for i, p in enumerate(params):
+            shape, s = p.shape, stats[i]
+            if (
+                grads[i].shape == shape
+                and exp_avgs[i].shape == shape
+                and exp_avg_sqs[i].shape == shape
+                and (
+                    s is None
+                    or (
+                        s.shape == shape
+                        and s.device == p.device
+                        and (exp_avg_true_sqs[i] is None or exp_avg_true_sqs[i].shape == shape)
+                    )
+                )
+            ):
+                continue
+            checked = (
+                ("statistic (sum_grad_squared)", s),
+                ("gradient", grads[i]),
+                (f"optimizer state {_STATE_NAMES[0]!r}", exp_avgs[i]),
+                (f"optimizer state {_STATE_NAMES[1]!r}", exp_avg_sqs[i]),
+                (f"optimizer state {_STATE_NAMES[2]!r}", None if s is None else exp_avg_true_sqs[i]),
+            )
+            for what, t in checked:
+                if t is None or (t.shape == shape and (t is not s or t.device == p.device)):
+                    continue
+                if t.shape != shape:
+                    problem = (
+                        f"has shape {tuple(t.shape)}, but the parameter has shape {tuple(shape)}; "
+                        "it must have exactly the parameter's shape"
+                    )
+                else:
+                    problem = f"is on device {t.device}, but the parameter is on {p.device}"
+                name = (describe or _describe_position)(i)
+                raise ValueError(
+                    f"TGAdamW: the {what} of {name} {problem}. No parameter or optimizer state "
+                    "was changed."
+                )
 
 
 # ----------------------------------------------------------------- single tensor
@@ -424,6 +502,7 @@ def tgadamw(
     graft: bool,
     maximize: bool,
     native_default: bool = False,
+    describe: Callable[[int], str] | None = None,
 ) -> None:
     """Functional TGAdamW step over lists of tensors (see the module docstring).
 
@@ -432,7 +511,13 @@ def tgadamw(
     ``_multi_tensor_tgadamw``. Otherwise ``_single_tensor_tgadamw``, or with
     with ``native_default=True`` the C kernel, compiled if needed, falling back to the
     loop without a warning when no compiler works.
+
+    Every implementation starts from the same check (``_check_tensors``): a gradient,
+    statistic or state tensor whose shape is not its parameter's, or a statistic on
+    another device, raises ``ValueError`` naming the parameter (``describe(i)``, by
+    default its position in the lists), before any tensor is changed.
     """
+    _check_tensors(params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, describe)
     if fused:
         from truegrad.optim._fused import _fused_tgadamw
 

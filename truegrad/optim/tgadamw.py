@@ -9,7 +9,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_foreach_kernels_supported_devices
 
 from truegrad import statistic
-from truegrad.optim._functional import tgadamw
+from truegrad.optim._functional import _check_tensors, tgadamw
 
 __all__ = ["TGAdamW", "MissingStatisticError"]
 
@@ -281,12 +281,25 @@ class TGAdamW(Optimizer):
             )
 
         collected = []
+        index = 0
         for group in self.param_groups:
             lists: tuple[list, ...] = ([], [], [], [], [], [], [])
             self._init_group(group, *lists)
-            collected.append((group, lists))
+            names = group.get("param_names")
+            members = [  # (index across groups, name) of the parameters _init_group took
+                (index + j, names[j] if names else None)
+                for j, p in enumerate(group["params"])
+                if p.grad is not None
+            ]
+            index += len(group["params"])
+            describe = _describer(lists[0], members)
+            collected.append((group, lists, describe))
+        # every group checked before any steps: a bad tensor changes nothing
+        for _, (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, _), describe in collected:
+            _check_tensors(params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, describe)
 
-        for group, (params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, steps) in collected:
+        for group, lists, describe in collected:
+            params, grads, stats, exp_avgs, exp_avg_sqs, exp_avg_true_sqs, steps = lists
             if not params:
                 continue
             foreach, fused = group["foreach"], group["fused"]
@@ -315,6 +328,7 @@ class TGAdamW(Optimizer):
                 graft=group["graft"],
                 maximize=group["maximize"],
                 native_default=native_default,
+                describe=describe,
             )
         return loss
 
@@ -327,6 +341,10 @@ def _default_foreach(params: list[torch.Tensor]) -> bool:
     return not torch.jit.is_scripting() and all(
         p.device.type in devices and p.is_floating_point() for p in params
     )
+
+
+def _describer(params: list[torch.Tensor], members: list[tuple[int, str | None]]) -> Callable[[int], str]:
+    return lambda i: _describe(params[i], *members[i])
 
 
 def _describe(p: torch.Tensor, index: int, name: str | None) -> str:

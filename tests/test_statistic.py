@@ -8,8 +8,14 @@ import torch
 from truegrad import statistic
 
 
+def _with_grad(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """A statistic is read only beside a gradient (it lives and dies with ``p.grad``)."""
+    p.grad = torch.zeros_like(p)
+    return p
+
+
 def test_add_creates_a_float32_copy_and_accumulates() -> None:
-    p = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16))
+    p = _with_grad(torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16)))
     c = torch.full((3, 2), 2.0, dtype=torch.bfloat16)
     statistic.add(p, c)
     s = statistic.get(p)
@@ -21,14 +27,14 @@ def test_add_creates_a_float32_copy_and_accumulates() -> None:
 
 
 def test_float64_parameter_keeps_float64() -> None:
-    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    p = _with_grad(torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)))
     statistic.add(p, torch.ones(4, dtype=torch.float64) / 3)
     assert statistic.get(p).dtype == torch.float64
     assert statistic.get(p)[0].item() == 1 / 3
 
 
 def test_add_sum_of_squares_is_exact_in_float32_for_fp16_extremes() -> None:
-    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    p = _with_grad(torch.nn.Parameter(torch.zeros(2, dtype=torch.float16)))
     per_sample = torch.tensor([[60000.0, 1e-4], [60000.0, 1e-4]], dtype=torch.float16)
     statistic.add_sum_of_squares(p, per_sample)
     expected = 2 * per_sample[0].float() ** 2
@@ -49,7 +55,7 @@ def test_frozen_parameter_never_gets_it() -> None:
 
 
 def test_clear_and_scale() -> None:
-    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    ps = [_with_grad(torch.nn.Parameter(torch.zeros(2))) for _ in range(3)]
     statistic.add(ps[0], torch.ones(2))
     statistic.add(ps[1], torch.full((2,), 3.0))
     statistic.scale_(ps, torch.tensor(0.25))
@@ -57,6 +63,16 @@ def test_clear_and_scale() -> None:
     assert statistic.get(ps[2]) is None
     statistic.clear(ps)
     assert all(getattr(p, statistic.ATTRIBUTE, None) is None for p in ps)
+
+
+def test_a_statistic_without_a_gradient_is_not_read() -> None:
+    """Outside backward, a statistic beside no gradient describes nothing (a loaded model's,
+    one whose gradient was set to None): ``get`` returns None, ``has`` is False."""
+    p = _with_grad(torch.nn.Parameter(torch.zeros(2)))
+    statistic.add(p, torch.ones(2))
+    assert torch.equal(statistic.get(p), torch.ones(2))
+    p.grad = None
+    assert statistic.get(p) is None and not statistic.has(p)
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,8 @@ def get(param: torch.Tensor) -> torch.Tensor | None:
     current = getattr(param, ATTRIBUTE, None)
     if current is None:
         return None
+    if param.grad is None and _compat.current_backward_id() == -1:
+        return None  # no gradient, so nothing it could describe (a loaded model's, a cleared one)
     stamp = _STAMPS.get(param)
     if stamp is not None and stamp.grad is not None:
         noted = stamp.grad()  # None once that gradient was freed
@@ -190,10 +192,12 @@ def add(param: torch.Tensor, contribution: torch.Tensor, *, owned: bool = False)
 def _current(param: torch.Tensor) -> torch.Tensor | None:
     """The statistic a write adds to: ``None`` (a new one) when the one present is outdated;
     records the write (see :class:`_Stamp`)."""
+    known = _STAMPS.get(param) is not None
     stamp = _stamp(param)
     backward = _compat.current_backward_id()
     current = getattr(param, ATTRIBUTE, None)
-    if current is not None and _outdated(param, stamp, backward):
+    if current is not None and (not known or _outdated(param, stamp, backward)):
+        # (one this module never wrote: loaded with a pickled model, whose gradient is not)
         clear([param])
         current = None
     stamp.stale = False

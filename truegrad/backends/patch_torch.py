@@ -18,6 +18,7 @@ The backend ``PatchTorchBackend`` also converts an existing model in place
 
 from __future__ import annotations
 
+import copyreg
 import sys
 import threading
 from types import ModuleType
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional
 
+from truegrad import _originals
 from truegrad._originals import ORIGINALS as _ORIGINALS
 from truegrad.backends.base import Backend, Handle, already_prepared, check_model, mark_prepared
 from truegrad.backends.convert import convert_modules
@@ -108,8 +110,11 @@ def patch_torch() -> Handle:
         owns = not _ORIGINALS
         if owns:
             for owner, name, replacement in _targets():
-                _ORIGINALS[(owner, name)] = getattr(owner, name)
+                original = getattr(owner, name)
+                _ORIGINALS[(owner, name)] = original
                 setattr(owner, name, replacement)
+                if isinstance(original, type):
+                    copyreg.pickle(original, _reduce_unpatched)
         _USERS += 1
         return _PatchHandle(owns=owns, generation=_GENERATION)
 
@@ -118,6 +123,23 @@ def _restore() -> None:
     while _ORIGINALS:
         (owner, name), original = _ORIGINALS.popitem()
         setattr(owner, name, original)
+        if copyreg.dispatch_table.get(original) is _reduce_unpatched:
+            del copyreg.dispatch_table[original]
+
+
+def _reduce_unpatched(module: torch.nn.Module) -> tuple:
+    """Pickling (``torch.save``, ``pickle``, ``copy.deepcopy``) of an instance of a torch
+    class while ``patch_torch`` has put truegrad's class under its name: pickle would look the
+    class up by name, find truegrad's and refuse. The instance is rebuilt from torch's own
+    class (looked up when loading, patched or not) and its state."""
+    cls = type(module)
+    return (_rebuild_unpatched, (cls.__module__, cls.__qualname__), module.__getstate__())
+
+
+def _rebuild_unpatched(module_name: str, qualname: str) -> torch.nn.Module:
+    owner = sys.modules[module_name]
+    cls = _originals.Unpatched(owner).__getattr__(qualname)
+    return cls.__new__(cls)
 
 
 def unpatch_torch() -> None:

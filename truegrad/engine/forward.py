@@ -46,7 +46,7 @@ __all__ = [
 _STATE = threading.local()
 _LOCK = threading.RLock()  # reentrant: a token may be released by the garbage collector
 _USERS = 0  # live Tracking tokens
-_OPEN = 0  # model calls in progress, in all threads, entered through the global hooks
+_OPEN = 0  # module calls in progress, in all threads, entered through the global hooks
 _HOOKS: list[Any] = []
 
 
@@ -197,6 +197,28 @@ def _model_post_hook(module: torch.nn.Module, args: tuple, kwargs: dict, output:
     exit()
 
 
+class _HookFlag:
+    """The mark (in ``module.__dict__``) that a module carries the model-call hooks. A copy
+    of the module (``copy.deepcopy``, ``torch.save``/``torch.load``) carries a copy of the mark
+    and of the hooks; :data:`_FLAGS` tells the genuine mark from a copied one."""
+
+
+#: module -> the mark hook_model put on it in this process (weak keys)
+_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEY = "_truegrad_model_hooks"
+
+
+def _strip_copied_hooks(module: torch.nn.Module) -> None:
+    """Remove model-call hooks a module carries from the module it was copied from (no handle
+    of this process can remove them)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, hook in hooks.items() if hook in (_model_pre_hook, _model_post_hook)]:
+            del hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+
+
 def hook_model(model: torch.nn.Module) -> Callable[[], None]:
     """Make every call of ``model`` (and of its containers, for calls of a submodule on its
     own) a model call; returns the function that removes the hooks. Idempotent."""
@@ -204,9 +226,12 @@ def hook_model(model: torch.nn.Module) -> Callable[[], None]:
     for module in model.modules():
         if module is not model and not any(True for _ in module.children()):
             continue
-        if module.__dict__.get("_truegrad_model_hooks"):
-            continue
-        module.__dict__["_truegrad_model_hooks"] = True
+        flag = module.__dict__.get(_KEY)
+        if flag is not None:
+            if _FLAGS.get(module) is flag:
+                continue  # hooked already
+            _strip_copied_hooks(module)  # copied with its hooks from a prepared model
+        flag = module.__dict__[_KEY] = _FLAGS[module] = _HookFlag()
         handles.append(module.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
         handles.append(
             module.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True)
@@ -229,7 +254,8 @@ class _Flag:
     def remove(self) -> None:
         module = self.module()
         if module is not None:
-            module.__dict__.pop("_truegrad_model_hooks", None)
+            module.__dict__.pop(_KEY, None)
+            _FLAGS.pop(module, None)
 
 
 class EagerForward:
@@ -246,14 +272,32 @@ class EagerForward:
         return type(self.model).forward(self.model, *args, **kwargs)
 
 
+#: model -> number of handles that gave it its EagerForward (weak keys)
+_EAGER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def run_eagerly(model: torch.nn.Module) -> Callable[[], None]:
-    """Give ``model`` an :class:`EagerForward` (unless it has an instance ``forward`` already,
-    the user's or ours); returns the function that takes it away."""
-    if "forward" in model.__dict__:
-        return lambda: None
-    model.forward = EagerForward(model)  # type: ignore[method-assign]
+    """Give ``model`` an :class:`EagerForward` (unless the user set an instance ``forward``);
+    returns the function that takes it away once no handle needs it. An EagerForward copied
+    from a prepared model (``copy.deepcopy``, ``torch.load``) is taken over."""
+    current = model.__dict__.get("forward")
+    if current is not None and not isinstance(current, EagerForward):
+        return lambda: None  # the user's own
+    if current is None or current.model is not model:
+        model.forward = EagerForward(model)  # type: ignore[method-assign]
+        _EAGER[model] = 0
+    _EAGER[model] = _EAGER.get(model, 0) + 1
+    done = []
 
     def restore() -> None:
+        if done:
+            return
+        done.append(True)
+        count = _EAGER.get(model, 1) - 1
+        if count > 0:
+            _EAGER[model] = count
+            return
+        _EAGER.pop(model, None)
         if isinstance(model.__dict__.get("forward"), EagerForward):
             del model.__dict__["forward"]
 
@@ -272,7 +316,7 @@ def _compiled_wrapper_call(wrapper: torch.nn.Module) -> bool:
     prepared it, its forward is made to run eagerly and this call is the model call (the
     wrapper's arguments are the model's). Returns whether it is."""
     model = getattr(wrapper, "_orig_mod", None)
-    if not isinstance(model, torch.nn.Module) or model.__dict__.get("_truegrad_model_hooks"):
+    if not isinstance(model, torch.nn.Module) or _FLAGS.get(model) is not None:
         return False  # a prepared model: its own hooks count it
     if not isinstance(model.__dict__.get("forward"), EagerForward):
         if "forward" in model.__dict__ or not _holds_tracked(model):
@@ -284,7 +328,7 @@ def _compiled_wrapper_call(wrapper: torch.nn.Module) -> bool:
 def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
     if torch.compiler.is_compiling():
         return  # traced: a compiled forward hides its ops, so it is no model call (see door)
-    if module.__dict__.get("_truegrad_model_hooks"):
+    if module.__dict__.get(_KEY) is not None:
         return  # its own hooks (which see the keyword arguments) count it
     if isinstance(module, _compat.optimized_module_type()) and not _compiled_wrapper_call(module):
         return  # torch.compile's wrapper: the model call is the wrapped module's
@@ -293,8 +337,8 @@ def _pre_hook(module: torch.nn.Module, args: tuple) -> None:
         stack = _STATE.global_calls = []
     outermost = not getattr(_STATE, "depth", 0)
     stack.append((id(module), outermost))
+    _opened(1)  # every call entered here: the hooks must stay until its post-hook has run
     if outermost:
-        _opened(1)
         enter(args, _compat.module_call_kwargs(), adopts=True)
     else:
         _STATE.depth += 1  # an inner module call: nothing to record
@@ -307,10 +351,9 @@ def _post_hook(module: torch.nn.Module, args: tuple, *rest: Any) -> None:
     if not stack or stack[-1][0] != id(module):
         return  # its pre-hook did not run (its own hooks count it, torch.compile's wrapper,
         # or the hooks were installed during its call)
-    _, outermost = stack.pop()
+    stack.pop()
     exit()
-    if outermost:
-        _opened(-1)
+    _opened(-1)
 
 
 class Tracking:

@@ -46,7 +46,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from truegrad import _bypass, statistic, testing
-from truegrad.backends import DEFAULT_BACKEND, get_backend
+from truegrad._validate import check_bool, check_callable, check_choice, check_int, check_module
+from truegrad.backends import BACKENDS, DEFAULT_BACKEND, get_backend
 
 __all__ = ["DiagnosisReport", "ParameterDiagnosis", "cpu_peak_bytes", "diagnose"]
 
@@ -369,18 +370,17 @@ def diagnose(
         A :class:`DiagnosisReport`; ``print(report)`` shows the table.
 
     Raises:
-        TypeError: ``model`` is not a ``torch.nn.Module`` or ``loss_fn`` is not callable.
+        TypeError: ``model`` is not a ``torch.nn.Module``, ``loss_fn`` is not callable,
+            ``backend`` is not a string, ``repeats`` is not an int or ``measure_memory`` not
+            a bool. Nothing is run or copied then.
         ValueError: for an unknown backend name (listing the valid ones) or ``repeats < 1``.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"diagnose needs a torch.nn.Module as model, got {type(model).__module__}."
-            f"{type(model).__qualname__}"
-        )
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {loss_fn!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int of at least 1, got {repeats!r}")
+    check_module("diagnose", "model", model)
+    check_callable("diagnose", "loss_fn", loss_fn, "callable as loss_fn(output, targets) -> scalar")
+    if not isinstance(backend, str):  # an unknown name: get_backend lists the valid ones
+        check_choice("diagnose", "backend", backend, BACKENDS)
+    repeats = check_int("diagnose", "repeats", repeats, low=1)
+    measure_memory = check_bool("diagnose", "measure_memory", measure_memory)
     tracker = get_backend(backend)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")

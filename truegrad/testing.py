@@ -41,6 +41,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 from truegrad import _bypass, statistic
+from truegrad._validate import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_module,
+    check_number,
+    describe,
+)
 
 __all__ = [
     "OracleResult",
@@ -141,6 +150,7 @@ def _restores_model(function: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(function)
     def wrapper(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        check_module(function.__name__, "model", model)  # before anything reads it
         with _restoring_parameters(model):
             return function(model, *args, **kwargs)
 
@@ -236,6 +246,41 @@ def _squared_sum(per_sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return wide.square().sum(0).to(dtype)
 
 
+def _check_oracle_args(
+    owner: str,
+    model: Any,
+    loss_fn: Any,
+    inputs: Any,
+    batch_dim: Any,
+    chunk_size: Any = None,
+) -> None:
+    """The argument checks of the public oracles, before anything runs: ``TypeError`` for a
+    wrong type, ``ValueError`` for a ``batch_dim`` that some input tensor does not have or a
+    ``chunk_size`` below 1."""
+    check_module(owner, "model", model)
+    check_callable(owner, "loss_fn", loss_fn, "callable as loss_fn(output, targets) -> scalar tensor")
+    check_int(owner, "batch_dim", batch_dim)
+    check_int(owner, "chunk_size", chunk_size, low=1, allow_none=True)
+    for x in pytree.tree_leaves(_as_args(inputs)):
+        if isinstance(x, torch.Tensor) and not -x.dim() <= batch_dim < x.dim():
+            valid = f"in [{-x.dim()}, {x.dim() - 1}]" if x.dim() else "a dimension (none exists)"
+            raise ValueError(
+                f"{owner}: batch_dim must be {valid} for an input tensor of shape "
+                f"{tuple(x.shape)}, got {describe(batch_dim)}"
+            )
+
+
+def _check_tolerances(owner: str, rtol: Any, atol_factor: Any, check_grad: Any, params: Any) -> None:
+    check_number(owner, "rtol", rtol, low=0.0)
+    check_number(owner, "atol_factor", atol_factor, low=0.0)
+    check_bool(owner, "check_grad", check_grad)
+    if params is not None and (isinstance(params, (str, bytes)) or not isinstance(params, Iterable)):
+        raise TypeError(
+            f"{owner}: params must be None or an iterable of parameter names (a list of str), "
+            f"got {describe(params)}"
+        )
+
+
 # --------------------------------------------------------------------------- oracles
 
 
@@ -265,8 +310,12 @@ def per_sample_grads(
         ``{qualified name: tensor of shape (N, *p.shape)}`` in the parameter's dtype.
 
     Raises:
-        ValueError: if samples interact (BatchNorm in training mode) or inputs are malformed.
+        TypeError: ``model`` is not a ``torch.nn.Module``, ``loss_fn`` not callable,
+            ``batch_dim`` or ``chunk_size`` not an int.
+        ValueError: if samples interact (BatchNorm in training mode), inputs are malformed,
+            ``batch_dim`` is not a dimension of every input tensor or ``chunk_size < 1``.
     """
+    _check_oracle_args("per_sample_grads", model, loss_fn, inputs, batch_dim, chunk_size)
     _check_independent_samples(model)
     args, kwargs = _as_args(inputs)
     _batch_size((args, kwargs), batch_dim)
@@ -318,8 +367,10 @@ def per_sample_grads_loop(
 
     Uses no ``torch.func``; the model is run on each sample alone and
     ``torch.autograd.grad`` is taken with that sample's slice of the full-batch
-    output gradient. Slow, plainly correct, and independent of ``torch.func``.
+    output gradient. Slow, plainly correct, and independent of ``torch.func``. Raises as
+    :func:`per_sample_grads` does.
     """
+    _check_oracle_args("per_sample_grads_loop", model, loss_fn, inputs, batch_dim)
     _check_independent_samples(model)
     args, kwargs = _as_args(inputs)
     n_samples = _batch_size((args, kwargs), batch_dim)
@@ -357,16 +408,17 @@ def sum_grad_squared_oracle(
 
     The squares are summed in float64 and returned in the statistic's dtype
     (float32, or float64 for float64 parameters). ``method="loop"`` uses
-    :func:`per_sample_grads_loop` instead of ``torch.func``.
+    :func:`per_sample_grads_loop` instead of ``torch.func``. Raises as
+    :func:`per_sample_grads` does, and ``ValueError`` for another ``method``.
     """
+    check_choice("sum_grad_squared_oracle", "method", method, ("func", "loop"))
+    _check_oracle_args("sum_grad_squared_oracle", model, loss_fn, inputs, batch_dim, chunk_size)
     if method == "func":
         grads = per_sample_grads(
             model, loss_fn, inputs, targets, batch_dim=batch_dim, chunk_size=chunk_size
         )
     elif method == "loop":
         grads = per_sample_grads_loop(model, loss_fn, inputs, targets, batch_dim=batch_dim)
-    else:
-        raise ValueError(f"method must be 'func' or 'loop', got {method!r}")
     return OracleResult(
         grad={n: g.sum(0) for n, g in grads.items()},
         sum_grad_squared={
@@ -384,7 +436,25 @@ def layer_sum_grad_squared(
     op's own per-sample split of its weight gradient: capture the layer's input and
     output gradient, form the per-sample products (shape ``(N, *p.shape)``) and
     pass them here. Summed in float64, returned in float32/float64.
+
+    Raises:
+        TypeError: ``per_sample_weight_grads`` is not a tensor.
+        ValueError: it is not a dense real floating-point tensor with a sample dimension.
     """
+    owner, name, value = "layer_sum_grad_squared", "per_sample_weight_grads", per_sample_weight_grads
+    expected = "a dense real floating-point tensor of shape (N, *p.shape)"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {describe(value)}")
+    problem = None
+    if value.layout != torch.strided:
+        problem = f"a sparse tensor ({value.layout})"
+    elif not value.is_floating_point():
+        problem = f"a {str(value.dtype).removeprefix('torch.')} tensor"
+        problem += " (complex)" if value.is_complex() else ""
+    elif value.dim() == 0:
+        problem = "a tensor of 0 dimensions (no sample dimension)"
+    if problem is not None:
+        raise ValueError(f"{owner}: {name} must be {expected}, got {problem}")
     return _squared_sum(per_sample_weight_grads, statistic.statistic_dtype(per_sample_weight_grads.dtype))
 
 
@@ -428,7 +498,20 @@ def compare_to_oracle(
 
     Returns:
         One line per mismatch (empty when everything matches).
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``, ``expected`` not an
+            :class:`OracleResult`, a tolerance not a number, ``check_grad`` not a bool or
+            ``params`` not an iterable of names.
+        ValueError: a tolerance negative or NaN.
     """
+    check_module("compare_to_oracle", "model", model)
+    if not isinstance(expected, OracleResult):
+        raise TypeError(
+            "compare_to_oracle: expected must be an OracleResult (from sum_grad_squared_oracle), "
+            f"got {describe(expected)}"
+        )
+    _check_tolerances("compare_to_oracle", rtol, atol_factor, check_grad, params)
     names = list(expected.sum_grad_squared) if params is None else list(params)
     model_params = dict(model.named_parameters())
     problems: list[str] = []
@@ -480,7 +563,13 @@ def assert_matches_oracle(
     Raises:
         AssertionError: one error listing every mismatching parameter by qualified
             name with its relative error.
+        TypeError, ValueError: a bad argument (as :func:`per_sample_grads` and
+            :func:`compare_to_oracle`), checked before anything runs.
     """
+    owner = "assert_matches_oracle"
+    _check_oracle_args(owner, model, loss_fn, inputs, batch_dim, chunk_size)
+    check_bool(owner, "run_backward", run_backward)
+    _check_tolerances(owner, rtol, atol_factor, check_grad, params)
     expected = sum_grad_squared_oracle(
         model, loss_fn, inputs, targets, batch_dim=batch_dim, chunk_size=chunk_size
     )

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from truegrad import statistic
+from truegrad._validate import check_bool, check_choice, check_int
 from truegrad.backends import Backend, Handle, get_backend
 from truegrad.nn import settings
 from truegrad.optim.tgadamw import TGAdamW
@@ -142,7 +143,11 @@ class TrueGradCallback(Callback):
             logging interval.
 
     Raises:
-        ValueError: for an unknown ``backend``, a bad ``chunk_bytes`` or ``bitwise_grad``.
+        TypeError: ``backend`` not a string, ``chunk_bytes`` not an int (a bool, a float or
+            a string included) or ``None``, ``log_statistics`` not a bool, ``bitwise_grad``
+            not a bool or ``None`` (a string such as ``"no"`` is never taken as a bool).
+        ValueError: for an unknown ``backend`` (the message lists the valid ones) or a
+            ``chunk_bytes`` below 1.
         MisconfigurationException: at ``setup`` for FSDP, DeepSpeed and other strategies
             that flatten parameters; at ``on_fit_start`` (a reason the backend knows
             before running, BackPack's) or at the first optimizer step (the engine decides
@@ -164,14 +169,13 @@ class TrueGradCallback(Callback):
         log_statistics: bool = False,
         bitwise_grad: bool | None = None,
     ) -> None:
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if chunk_bytes is not None and (
-            not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0
-        ):
-            raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
-        if bitwise_grad is not None and not isinstance(bitwise_grad, bool):
-            raise ValueError(f"bitwise_grad must be True, False or None, got {bitwise_grad!r}")
+        owner = "TrueGradCallback"
+        backend = check_choice(owner, "backend", backend, _BACKENDS)
+        chunk_bytes = check_int(
+            owner, "chunk_bytes", chunk_bytes, low=1, allow_none=True, what="an int number of bytes"
+        )
+        log_statistics = check_bool(owner, "log_statistics", log_statistics)
+        bitwise_grad = check_bool(owner, "bitwise_grad", bitwise_grad, allow_none=True)
         self.backend = backend
         self.chunk_bytes = chunk_bytes
         self.bitwise_grad = bitwise_grad

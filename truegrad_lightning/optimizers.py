@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 
+from truegrad._validate import check_callable, check_module
 from truegrad.optim import TGAdamW
 from truegrad_lightning.schedules import (
     _SCHEDULES,
@@ -200,7 +201,8 @@ def configure_optimizers(
         "step", "frequency": 1}}``.
 
     Raises:
-        TypeError: a non-numeric ``lr``/``weight_decay``/``min_lr_ratio``, a bool or
+        TypeError: ``module`` not a ``torch.nn.Module``, ``optimizer`` not callable, a
+            non-numeric ``lr``/``weight_decay``/``min_lr_ratio``, a bool or
             otherwise non-numeric ``warmup_steps``, a non-int ``total_steps``, or
             ``no_decay`` given as one string.
         ValueError: ``lr`` or ``weight_decay`` negative, ``min_lr_ratio`` outside
@@ -220,6 +222,11 @@ def configure_optimizers(
         >>> round(config["optimizer"].param_groups[0]["lr"], 6)  # 1e-2 * (0 + 1) / (2 + 1)
         0.003333
     """
+    check_module("configure_optimizers", "module", module)
+    check_callable(
+        "configure_optimizers", "optimizer", optimizer,
+        "an optimizer class or a callable (param_groups, lr=..., **optimizer_kwargs) -> Optimizer",
+    )
     lr = _check_number("lr", lr)
     if not lr >= 0.0:
         raise ValueError(f"Invalid lr: {lr} (must be >= 0)")

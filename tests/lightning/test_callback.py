@@ -471,6 +471,8 @@ def test_all_reduce_one_collective_and_missing_statistics() -> None:
     from truegrad_lightning.step import fix_statistics_
 
     a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    for p in (a, b, c):  # a statistic lives with a gradient
+        p.grad = torch.zeros(3)
     statistic.add(a, torch.full((3,), 4.0))
     calls = []
 
@@ -556,5 +558,5 @@ def test_nn_setting_applied_while_fitting(setting: str, value: object) -> None:
 
 
 def test_bitwise_grad_is_validated() -> None:
-    with pytest.raises(ValueError, match="bitwise_grad must be True, False or None, got 'yes'"):
+    with pytest.raises(TypeError, match="bitwise_grad must be True, False or None, got 'yes'"):
         TrueGradCallback(bitwise_grad="yes")  # type: ignore[arg-type]

@@ -169,7 +169,7 @@ def test_weight_grad_is_torchs_bitwise_or_computed_with_the_statistic(
 
 def test_bitwise_grad_setting_is_validated_and_restored() -> None:
     assert nn.settings.bitwise_grad is False
-    with pytest.raises(ValueError, match="bitwise_grad must be True or False, got 'no'"):
+    with pytest.raises(TypeError, match=r"bitwise_grad must be True or False \(a bool\), got 'no'"):
         with nn.settings.configure(bitwise_grad="no"):  # type: ignore[arg-type]
             pass
     with nn.settings.configure(bitwise_grad=True):

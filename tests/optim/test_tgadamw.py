@@ -288,12 +288,12 @@ def test_step_calls_closure_first_and_uses_its_statistic():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(lr=-1e-3), "learning rate"),
-        (dict(eps=-1.0), "epsilon"),
+        (dict(lr=-1e-3), r"lr must be a float >= 0, got -0\.001"),
+        (dict(eps=-1.0), r"eps must be a float >= 0, got -1\.0"),
         (dict(weight_decay=-0.1), "weight_decay"),
-        (dict(betas=(1.0, 0.999)), "index 0"),
-        (dict(betas=(0.9, -0.1)), "index 1"),
-        (dict(betas=(0.9, 0.999, 1.5)), "index 2"),
+        (dict(betas=(1.0, 0.999)), r"betas\[0\] must be a float in \[0, 1\)"),
+        (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+        (dict(betas=(0.9, 0.999, 1.5)), r"betas\[2\]"),
         (dict(betas=(0.9, 0.99, 0.99, 0.99)), "2 or 3 elements"),
         (dict(foreach=True, fused=True), "mutually exclusive"),
     ],

@@ -80,11 +80,15 @@ class Backend(abc.ABC):
 
 
 def check_model(model: object, backend: str) -> torch.nn.Module:
-    """Validate a model argument: a ``torch.nn.Module`` with trainable parameters."""
+    """Validate a model argument: a ``torch.nn.Module`` with trainable parameters, not
+    prepared by an incompatible backend. Every ``prepare`` calls it before it changes
+    anything, so a bad model raises (``TypeError``/``ValueError``) and is left untouched."""
     if not isinstance(model, torch.nn.Module):
+        from truegrad._validate import short_repr
+
         raise TypeError(
             f"backend {backend!r} needs a torch.nn.Module, got {type(model).__module__}."
-            f"{type(model).__qualname__}"
+            f"{type(model).__qualname__}: model={short_repr(model)}"
         )
     for other in _PREPARED.get(model, ()):
         if other != backend and {other, backend} != _COMPATIBLE:

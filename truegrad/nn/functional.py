@@ -45,9 +45,9 @@ def _make_door(name: str, rule: _Callable[..., _Any]) -> _Callable[..., _Any]:
     def door(*args: _Any, **kwargs: _Any) -> _Any:
         if _torch.compiler.is_compiling():  # traced: the engine must see the real call
             return traced_door(*args, **kwargs)
+        if kwargs.get("granularity") is not None:  # a bad value raises on every path
+            _settings.resolve_granularity(kwargs["granularity"])
         if _door.takes(args, kwargs):
-            if kwargs.get("granularity") is not None:
-                _settings.resolve_granularity(kwargs["granularity"])  # a bad value raises here
             return _door.call(torch_function, args, kwargs)
         if _door.claimed(args, kwargs):  # BackPack computes these: torch's function, no statistic
             return torch_function(*args, **{k: v for k, v in kwargs.items() if k != "granularity"})

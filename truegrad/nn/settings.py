@@ -39,6 +39,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal
 
+from truegrad._validate import check_bool, check_int
+
 __all__ = [
     "Granularity",
     "bitwise_grad",
@@ -73,21 +75,20 @@ def configure(
 ) -> Iterator[None]:
     """Change the settings for the duration of a ``with`` block; the previous values are
     restored on exit. Every value is checked before any is changed, so a bad one raises
-    and changes nothing. The settings are process-wide (backward may run on other threads,
+    and changes nothing (``TypeError`` for a value of the wrong type, ``ValueError`` for one
+    out of range or not among the choices). The settings are process-wide (backward may run on other threads,
     e.g. CUDA's autograd threads, which must see them): a block changes them for every
     thread while it lasts. Outside a ``with`` block, assign the attribute
     (``truegrad.nn.settings.bitwise_grad = True``)."""
     changes: dict[str, object] = {}
     if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
-        changes["chunk_bytes"] = chunk_bytes
+        changes["chunk_bytes"] = check_int(
+            "settings.configure", "chunk_bytes", chunk_bytes, low=1, what="an int number of bytes"
+        )
     if granularity is not None:
         changes["granularity"] = resolve_granularity(granularity)
     if bitwise_grad is not None:
-        if not isinstance(bitwise_grad, bool):
-            raise ValueError(f"bitwise_grad must be True or False, got {bitwise_grad!r}")
-        changes["bitwise_grad"] = bitwise_grad
+        changes["bitwise_grad"] = check_bool("settings.configure", "bitwise_grad", bitwise_grad)
     global_vars = globals()
     previous = {name: global_vars[name] for name in changes}
     global_vars.update(changes)

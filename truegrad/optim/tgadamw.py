@@ -9,6 +9,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_foreach_kernels_supported_devices
 
 from truegrad import statistic
+from truegrad._validate import check_bool, check_number, describe
 from truegrad.optim._functional import _check_tensors, tgadamw
 
 __all__ = ["TGAdamW", "MissingStatisticError"]
@@ -120,40 +121,92 @@ class TGAdamW(Optimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        betas = _validate_betas(betas)
-        if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)):
-            raise TypeError(f"lr must be a float, got {type(lr).__name__}")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
-        if foreach and fused:
-            raise ValueError("foreach and fused are mutually exclusive: set at most one to True")
-        defaults = dict(
-            lr=float(lr),
-            betas=betas,
-            eps=float(eps),
-            weight_decay=float(weight_decay),
-            graft=bool(graft),
-            default_to_adam=bool(default_to_adam),
-            foreach=foreach,
-            maximize=bool(maximize),
-            fused=fused,
+        defaults = _check_hyperparameters(
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                graft=graft,
+                default_to_adam=default_to_adam,
+                foreach=foreach,
+                maximize=maximize,
+                fused=fused,
+            )
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if torch.is_complex(p):
-                    raise ValueError("TGAdamW does not support complex parameters")
+        # every group and parameter is checked by add_param_group (called per group by
+        # torch's constructor) before it is added
+        super().__init__(_check_params(params), defaults)
 
     # ------------------------------------------------------------------ groups/state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "betas" in param_group:
-            param_group["betas"] = _validate_betas(param_group["betas"])
+        """Add a parameter group as ``torch.optim.Optimizer.add_param_group`` does, after
+        checking it: its parameters must be real (not complex) leaf tensors that appear once
+        in the optimizer, and its hyperparameters (``lr``, ``betas``, ``eps``, ...) must be
+        valid as in the constructor. A group that fails a check raises ``TypeError`` or
+        ``ValueError`` naming the parameter or hyperparameter, and neither the optimizer
+        nor ``param_group`` is changed."""
+        if not isinstance(param_group, dict):
+            raise TypeError(
+                f"TGAdamW: param_group must be a dict with a 'params' entry, got {describe(param_group)}"
+            )
+        if "params" not in param_group:
+            raise ValueError(
+                "TGAdamW: param_group must have a 'params' entry (the tensors to optimize), "
+                f"got a dict with keys {sorted(map(str, param_group))!r}"
+            )
+        params = _group_params(param_group["params"])
+        self._check_group_params(params)
+        values = {k: param_group[k] for k in _HYPERPARAMETERS if k in param_group}
+        inherited = {k: self.defaults[k] for k in ("foreach", "fused") if k in self.defaults}
+        values = _check_hyperparameters(values, inherited)
+        # everything checked: normalise the group in place, as torch does
+        param_group["params"] = params
+        param_group.update(values)
         super().add_param_group(param_group)
+
+    def _check_group_params(self, params: list[Any]) -> None:
+        """Check the entries of a new group (tensors or ``(name, tensor)`` pairs)."""
+        first = sum(len(g["params"]) for g in self.param_groups)
+        owner = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        seen: dict[int, int] = {}
+        for j, entry in enumerate(params):
+            name = None
+            if isinstance(entry, tuple):
+                if len(entry) != 2 or not isinstance(entry[0], str):
+                    raise TypeError(
+                        f"TGAdamW: params[{j}] must be a tensor or a (name, tensor) pair, got "
+                        f"{describe(entry)}"
+                    )
+                name, entry = entry
+            if not isinstance(entry, torch.Tensor):
+                raise TypeError(
+                    f"TGAdamW: params[{j}] must be a tensor or a (name, tensor) pair, got {describe(entry)}"
+                )
+            where = _describe(entry, first + j, name)
+            if entry.is_complex():
+                raise ValueError(
+                    f"TGAdamW: {where} is complex ({entry.dtype}); TGAdamW optimizes real "
+                    "floating-point parameters only (the statistic is real: the imaginary part "
+                    "would be dropped). Keep the real and imaginary parts as two real parameters."
+                )
+            if not (entry.is_leaf or entry.retains_grad):
+                raise ValueError(
+                    f"TGAdamW: {where} is not a leaf tensor (it was computed from others); "
+                    "optimize the tensors it was computed from, or a detached copy"
+                )
+            if id(entry) in seen:
+                raise ValueError(
+                    f"TGAdamW: {where} appears more than once in params (also at index "
+                    f"{first + seen[id(entry)]}); give each parameter once"
+                )
+            if id(entry) in owner:
+                raise ValueError(
+                    f"TGAdamW: {where} is already in parameter group {owner[id(entry)]}; "
+                    "a parameter belongs to one group only"
+                )
+            seen[id(entry)] = j
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -207,8 +260,8 @@ class TGAdamW(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("TGAdamW does not support sparse gradients")
+            if p.grad.layout != torch.strided:
+                self._refuse_sparse_gradients()
             state = self.state[p]
             state_dtype = statistic.statistic_dtype(p.dtype)
             if len(state) == 0:
@@ -225,6 +278,22 @@ class TGAdamW(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             exp_avg_true_sqs.append(state.get("exp_avg_true_sq") if stat is not None else None)
             state_steps.append(state["step"])
+
+    def _refuse_sparse_gradients(self) -> None:
+        """Raise ``RuntimeError`` naming the first parameter with a sparse gradient (checked
+        before anything is changed)."""
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"TGAdamW does not support sparse gradients: "
+                        f"{_describe(p, index + j, names[j] if names else None)} has a "
+                        f"{p.grad.layout} gradient. Give it a dense gradient (e.g. "
+                        "torch.nn.Embedding(sparse=False)) or step it with torch.optim.SparseAdam."
+                    )
+            index += len(group["params"])
 
     def parameters_without_statistic(self, *, include_default_to_adam: bool = True) -> list[str]:
         """Describe every parameter that has a gradient but no ``sum_grad_squared``.
@@ -269,6 +338,7 @@ class TGAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._refuse_sparse_gradients()
         missing = self.parameters_without_statistic(include_default_to_adam=False)
         if missing:
             raise MissingStatisticError(
@@ -352,16 +422,77 @@ def _describe(p: torch.Tensor, index: int, name: str | None) -> str:
     return f"{name!r} ({where})" if name else f"parameter {where}"
 
 
+_HYPERPARAMETERS = (
+    "lr", "betas", "eps", "weight_decay", "graft", "default_to_adam", "foreach", "maximize", "fused",
+)
+
+
+def _check_hyperparameters(values: dict[str, Any], inherited: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check and normalise the hyperparameters in ``values`` (any subset of
+    :data:`_HYPERPARAMETERS`); ``inherited`` holds the defaults a group's ``foreach`` and
+    ``fused`` combine with."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "betas":
+            out[key] = _validate_betas(value)
+        elif key in ("lr", "eps", "weight_decay"):
+            out[key] = check_number("TGAdamW", key, value, low=0.0)
+        elif key in ("foreach", "fused"):
+            out[key] = check_bool("TGAdamW", key, value, allow_none=True)
+        else:
+            out[key] = check_bool("TGAdamW", key, value)
+    both = {**(inherited or {}), **out}
+    if both.get("foreach") and both.get("fused"):
+        raise ValueError(
+            "TGAdamW: foreach and fused are mutually exclusive: set at most one to True, got "
+            f"foreach={both['foreach']!r} and fused={both['fused']!r}"
+        )
+    return out
+
+
+def _check_params(params: Any) -> list[Any]:
+    """The constructor's ``params`` as a list (parameters, named pairs or group dicts);
+    the entries are checked by :meth:`TGAdamW.add_param_group`."""
+    expected = "an iterable of tensors, of (name, tensor) pairs or of parameter-group dicts"
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"TGAdamW: params must be {expected}, got {describe(params)}; pass [tensor]")
+    if isinstance(params, (str, bytes, dict, set, frozenset)) or not isinstance(params, Iterable):
+        why = "; sets have no order, use a list" if isinstance(params, (set, frozenset)) else ""
+        raise TypeError(f"TGAdamW: params must be {expected}, got {describe(params)}{why}")
+    entries = list(params)
+    if not entries:
+        raise ValueError(f"TGAdamW: params is empty (got {describe(params)}): nothing to optimize")
+    return entries
+
+
+def _group_params(params: Any) -> list[Any]:
+    """A group's ``params`` as a list, as ``torch.optim.Optimizer.add_param_group`` makes it."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (str, bytes, dict, set, frozenset)) or not isinstance(params, Iterable):
+        why = "; sets have no order, use a list" if isinstance(params, (set, frozenset)) else ""
+        raise TypeError(
+            "TGAdamW: param_group['params'] must be a tensor or an iterable of tensors or of "
+            f"(name, tensor) pairs, got {describe(params)}{why}"
+        )
+    return list(params)
+
+
 def _validate_betas(betas: Any) -> tuple[float, float, float]:
-    if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)):
-        raise TypeError(f"betas must be a tuple of 2 or 3 floats, got {betas!r}")
-    if len(betas) == 2:
-        betas = (betas[0], betas[1], betas[1])
-    if len(betas) != 3:
-        raise ValueError(f"betas must have 2 or 3 elements (beta1, beta2[, beta3]), got {len(betas)}: {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)):
-            raise TypeError(f"Invalid beta parameter at index {i}: {beta!r} (must be a float)")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
-    return cast(tuple[float, float, float], tuple(float(b) for b in betas))
+    """``(beta1, beta2, beta3)`` from 2 or 3 floats in ``[0, 1)`` (``beta3 = beta2`` for 2)."""
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(
+            f"TGAdamW: betas must be a tuple of 2 or 3 floats in [0, 1), got {describe(betas)}"
+        )
+    if len(betas) not in (2, 3):
+        raise ValueError(
+            "TGAdamW: betas must have 2 or 3 elements (beta1, beta2[, beta3]), got "
+            f"{len(betas)}: {describe(betas)}"
+        )
+    checked = [
+        check_number("TGAdamW", f"betas[{i}]", beta, low=0.0, high=1.0, high_inclusive=False)
+        for i, beta in enumerate(betas)
+    ]
+    if len(checked) == 2:
+        checked.append(checked[1])
+    return cast(tuple[float, float, float], tuple(checked))

@@ -189,6 +189,44 @@ def test_position_embedding_of_arange_gets_no_statistic() -> None:
     assert testing.compare_to_oracle(model, oracle, params=covered, check_grad=False) == []
 
 
+class _OneSampleLayouts(nn.Module):
+    """A Linear fed the samples flattened with the positions ``(N*T, D)``, and one fed them
+    sequence-first ``(T, N, D)``."""
+
+    def __init__(self, seq_first: bool) -> None:
+        super().__init__()
+        self.seq_first = seq_first
+        self.inp = nn.Linear(3, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))  # (N, T, 4)
+        if self.seq_first:
+            return self.mix(h.transpose(0, 1)).transpose(0, 1)
+        return self.mix(h.reshape(-1, 4)).reshape(h.shape)
+
+
+@pytest.mark.parametrize("seq_first", [False, True], ids=["flattened", "seq-first"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_one_sample_in_another_layout_is_not_its_rows(seq_first: bool, n: int) -> None:
+    """Found by the property tests (issue 12): with one sample, a module fed it flattened
+    ``(1*T, D)`` or sequence-first ``(T, 1, D)`` was let through, and BackPack took its T rows
+    as T samples: a sum of T squares instead of the square of their sum. No statistic now,
+    the reason recorded; the rest of the model exact."""
+    torch.manual_seed(0)
+    model = _OneSampleLayouts(seq_first)
+    x = torch.randn(n, 5, 3)
+    plain = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BACKEND.prepare(model)
+        _backward(model, lambda: model(x).square().mean())
+    assert not statistic.has(model.mix.weight) and not statistic.has(model.mix.bias)
+    assert "BackPack takes dim 0 of a module's input as the samples" in BACKEND.coverage(model)["mix.weight"]
+    oracle = testing.sum_grad_squared_oracle(plain, lambda o, _: o.square().mean(), x)
+    assert testing.compare_to_oracle(model, oracle, params=["inp.weight", "inp.bias"]) == []
+
+
 def test_float64_embedding_is_refused_at_prepare_not_a_crash() -> None:
     """Finding 5: BackPack's Embedding derivative builds a float32 helper and crashed on every
     float64 model with an Embedding. The parameter is uncovered with the reason; the rest of

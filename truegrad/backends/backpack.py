@@ -250,6 +250,20 @@ class _ModelState:
         self.warned_batchnorm = False
 
 
+def _strip_copied_hooks(module: torch.nn.Module) -> None:
+    """Remove the (inert) hooks a module copied from a prepared one carries, which no handle
+    of this process can remove."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key in [
+            k for k, h in hooks.items()
+            if isinstance(h, _Hook) or isinstance(getattr(h, "__self__", None), _Hook)
+        ]:
+            del hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
 class _Hook:
     """The forward hook of one module; inert unless it is the module's registered hook
     (a ``copy.deepcopy`` of a prepared model copies hooks, which must not run twice)."""
@@ -288,8 +302,8 @@ class _Hook:
                 "dim 0 as the samples"
             )
         if not tag.plain or tag.dim != 0:
-            if tag.n == 1:
-                return None
+            if tag.n == 1 and x.dim() and x.shape[0] == 1:
+                return None  # one sample and one row: BackPack's split is the whole input
             return (
                 f"its input carries the model's samples in {tag.describe()}, but BackPack "
                 "takes dim 0 of a module's input as the samples"
@@ -595,6 +609,7 @@ class BackPackBackend(Backend):
             )
             if not locals_:
                 continue
+            _strip_copied_hooks(module)
             hook = _Hook(module_name, locals_, state)
             hook.handle = module.register_forward_hook(hook, with_kwargs=True, always_call=True)
             hook.pre_handle = module.register_forward_pre_hook(hook.enter, with_kwargs=True)

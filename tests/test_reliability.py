@@ -15,6 +15,13 @@ import truegrad
 from truegrad import statistic, testing
 from truegrad.backends import get_backend
 
+# BackPack leaves the tied parameters of these models without a statistic and says so with a
+# warning (asserted in tests/backends/test_backpack.py); here that is the expected outcome.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::truegrad.backends.backpack.SharedParameterWarning"),
+    pytest.mark.filterwarnings("ignore::truegrad.backends.backpack.UncoveredParameterWarning"),
+]
+
 ALL_BACKENDS = ["auto", "nn", "patch_torch", "patch_model", "backpack"]
 ENGINE = ["auto", "nn", "patch_torch", "patch_model"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "6.0.0"
 
 _SUBMODULES = ("backends", "diagnosis", "nn", "optim", "statistic", "testing", "utils")
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["require"]
+__all__ = ["INSTALL", "require"]
+
+#: The command that installs an extra's module without touching torch, where the plain
+#: ``pip install 'truegrad[extra]'`` cannot: backpack-for-pytorch declares torchvision,
+#: which would replace a CPU torch by a CUDA build (or break ``import lightning``).
+INSTALL = {
+    "backpack": "pip install --no-deps 'backpack-for-pytorch>=1.7' einops unfoldNd",
+}
 
 
 def require(module: str, extra: str, *, purpose: str) -> ModuleType:
@@ -19,7 +26,8 @@ def require(module: str, extra: str, *, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
+        command = INSTALL.get(extra, f"pip install 'truegrad[{extra}]'")
         raise ModuleNotFoundError(
             f"{purpose} needs the optional dependency {module!r}, which is not installed: "
-            f"pip install 'truegrad[{extra}]'"
+            f"{command}"
         ) from error

@@ -26,6 +26,14 @@ Both assume that samples do not interact (no BatchNorm in training mode, no mixi
 across the batch dimension); a model that violates this is rejected with a
 ``ValueError``. For such layers use a layer-level oracle such as
 :func:`layer_sum_grad_squared`.
+
+A model that ``backpack.extend`` hooked works with both: ``torch.func`` cannot run a
+module's full backward hook, so :func:`per_sample_grads` detaches BackPACK's two hooks
+(``hook_store_io``, ``hook_run_extensions``) while it runs and puts them back, in order,
+afterwards. Outside a ``with backpack(...)`` block these hooks only store and delete the
+module's inputs and outputs, so the gradients are the same with or without them. Any
+other full backward hook is refused by :func:`per_sample_grads` with a ``ValueError``
+naming the module (use ``method="loop"``, which runs the hooks as autograd does).
 """
 
 from __future__ import annotations
@@ -171,6 +179,50 @@ def _check_independent_samples(model: torch.nn.Module) -> None:
             )
 
 
+_BACKPACK_HOOKS = ("hook_store_io", "hook_run_extensions")
+
+
+def _is_backpack_hook(hook: Any) -> bool:
+    """Whether ``hook`` is one of the two hooks that ``backpack.extend`` registers."""
+    return getattr(hook, "__module__", None) == "backpack" and getattr(
+        hook, "__name__", None
+    ) in _BACKPACK_HOOKS
+
+
+@contextlib.contextmanager
+def _without_backpack_hooks(model: torch.nn.Module) -> Iterator[None]:
+    """Detach BackPACK's forward and full backward hooks from every module of ``model``
+    for the duration (``torch.func`` cannot run a full backward hook: its
+    ``BackwardHookFunction`` has no ``setup_context``), then restore every hook dictionary
+    as it was, in its order. Outside ``with backpack(...)`` these hooks do not change any
+    gradient. Any other full backward hook raises ``ValueError`` (before anything runs)."""
+    saved: list[tuple[torch.nn.Module, dict, dict]] = []
+    try:
+        for name, module in model.named_modules():
+            forward, backward = module._forward_hooks, module._backward_hooks
+            if any(_is_backpack_hook(h) for h in (*forward.values(), *backward.values())):
+                saved.append((module, dict(forward), dict(backward)))
+                for hooks in (forward, backward):
+                    for key in [k for k, h in hooks.items() if _is_backpack_hook(h)]:
+                        del hooks[key]
+            if module._backward_pre_hooks or (
+                module._backward_hooks and module._is_full_backward_hook
+            ):
+                raise ValueError(
+                    f"per_sample_grads: module {name or '<model>'!r} ({type(module).__name__}) "
+                    "has a full backward hook, which torch.func cannot run; use "
+                    "sum_grad_squared_oracle(..., method='loop') or per_sample_grads_loop, "
+                    "which run the hook as autograd does"
+                )
+        yield
+    finally:
+        for module, forward, backward in saved:
+            module._forward_hooks.clear()
+            module._forward_hooks.update(forward)
+            module._backward_hooks.clear()
+            module._backward_hooks.update(backward)
+
+
 def _as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Model call arguments: a tensor or other single object, a sequence of positional
     arguments, or a mapping of keyword arguments."""
@@ -313,10 +365,25 @@ def per_sample_grads(
         TypeError: ``model`` is not a ``torch.nn.Module``, ``loss_fn`` not callable,
             ``batch_dim`` or ``chunk_size`` not an int.
         ValueError: if samples interact (BatchNorm in training mode), inputs are malformed,
-            ``batch_dim`` is not a dimension of every input tensor or ``chunk_size < 1``.
+            ``batch_dim`` is not a dimension of every input tensor or ``chunk_size < 1``,
+            or a module has a full backward hook other than BackPACK's (see the module
+            docstring: BackPACK's are detached while the oracle runs).
     """
     _check_oracle_args("per_sample_grads", model, loss_fn, inputs, batch_dim, chunk_size)
     _check_independent_samples(model)
+    with _without_backpack_hooks(model):
+        return _per_sample_grads_func(model, loss_fn, inputs, targets, batch_dim, chunk_size)
+
+
+def _per_sample_grads_func(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    batch_dim: int,
+    chunk_size: int | None,
+) -> dict[str, torch.Tensor]:
+    """The body of :func:`per_sample_grads`, after its checks."""
     args, kwargs = _as_args(inputs)
     _batch_size((args, kwargs), batch_dim)
     params = {n: p.detach() for n, p in _trainable(model).items()}

@@ -705,5 +705,5 @@ def test_without_backpack_the_error_names_the_extra() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         "the BackPack backend (backend='backpack') needs the optional dependency 'backpack', "
-        "which is not installed: pip install 'truegrad[backpack]'"
+        "which is not installed: pip install --no-deps 'backpack-for-pytorch>=1.7' einops unfoldNd"
     )

@@ -52,20 +52,21 @@ def test_digits_default_sizes_shapes_dtypes(digits: DigitsDataModule) -> None:
     assert digits.num_classes == 10
     assert digits.input_shape == (1, 8, 8)
     assert (len(digits.train_dataset), len(digits.val_dataset), len(digits.test_dataset)) == (
-        1438,
+        1079,
         359,
-        0,
+        359,
     )
     x, y = digits.train_dataset.tensors
-    assert x.dtype == torch.float32 and x.shape == (1438, 1, 8, 8)
-    assert y.dtype == torch.int64 and y.shape == (1438,)
+    assert x.dtype == torch.float32 and x.shape == (1079, 1, 8, 8)
+    assert y.dtype == torch.int64 and y.shape == (1079,)
     xb, yb = _first_batch(digits.train_dataloader())
     assert xb.shape == (64, 1, 8, 8) and xb.dtype == torch.float32
     assert yb.shape == (64,) and yb.dtype == torch.int64
-    # drop_last=False: 1438 = 22 * 64 + 30
-    assert len(digits.train_dataloader()) == 23
-    assert len(digits.val_dataloader()) == 6
+    # drop_last=False: 1079 = 16 * 64 + 55
+    assert len(digits.train_dataloader()) == 17
+    assert len(digits.val_dataloader()) == 6 and len(digits.test_dataloader()) == 6
     assert digits.hparams["batch_size"] == 64 and digits.hparams["val_fraction"] == 0.2
+    assert digits.hparams["test_fraction"] == 0.2
 
 
 def test_digits_splits_partition_and_are_stratified(digits: DigitsDataModule) -> None:
@@ -75,14 +76,19 @@ def test_digits_splits_partition_and_are_stratified(digits: DigitsDataModule) ->
     images = torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0
     counts = {
         name: np.bincount(ds.tensors[1].numpy(), minlength=10)
-        for name, ds in (("train", digits.train_dataset), ("val", digits.val_dataset))
+        for name, ds in (
+            ("train", digits.train_dataset),
+            ("val", digits.val_dataset),
+            ("test", digits.test_dataset),
+        )
     }
-    assert (counts["train"] + counts["val"]).tolist() == DIGIT_COUNTS
+    assert (counts["train"] + counts["val"] + counts["test"]).tolist() == DIGIT_COUNTS
     # per class floor(0.2 * count) topped up by largest remainder to 359 in total
     assert counts["val"].tolist() == [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]
-    assert (counts["val"] > 0).all()
-    # the union of train and val is exactly the data set, each image once
-    restored = torch.cat([ds.tensors[0] for ds in (digits.train_dataset, digits.val_dataset)])
+    assert counts["test"].tolist() == counts["val"].tolist()
+    # the union of train, val and test is exactly the data set, each image once
+    splits = (digits.train_dataset, digits.val_dataset, digits.test_dataset)
+    restored = torch.cat([ds.tensors[0] for ds in splits])
     restored = restored.double() * digits.std + digits.mean
 
     def rows(t: torch.Tensor) -> list[tuple[int, ...]]:
@@ -127,7 +133,7 @@ def test_digits_deterministic_for_fixed_seed(digits: DigitsDataModule) -> None:
     assert (np.random.get_state()[1] == np_state).all()
 
     other = DigitsDataModule(seed=1)
-    assert (len(other.train_dataset), len(other.val_dataset)) == (1438, 359)
+    assert (len(other.train_dataset), len(other.val_dataset)) == (1079, 359)
     assert not torch.equal(other.val_dataset.tensors[0], digits.val_dataset.tensors[0])
     assert not torch.equal(_first_batch(other.train_dataloader())[1], ya)
 
@@ -148,13 +154,22 @@ def test_digits_flatten_and_test_split() -> None:
     assert torch.equal(square.test_dataset.tensors[0].reshape(359, 64), dm.test_dataset.tensors[0])
 
 
-def test_digits_test_falls_back_to_val(digits: DigitsDataModule) -> None:
+def test_digits_test_and_predict_use_the_test_split(digits: DigitsDataModule) -> None:
     val_y = torch.cat([y for _, y in digits.val_dataloader()])
     test_y = torch.cat([y for _, y in digits.test_dataloader()])
     predict_y = torch.cat([y for _, y in digits.predict_dataloader()])
-    assert len(val_y) == 359
-    assert torch.equal(test_y, val_y) and torch.equal(predict_y, val_y)
+    assert len(val_y) == len(test_y) == 359
     assert torch.equal(val_y, digits.val_dataset.tensors[1])  # not shuffled
+    assert torch.equal(test_y, digits.test_dataset.tensors[1]) and torch.equal(predict_y, test_y)
+
+
+def test_digits_without_test_split_refuses_test_and_predicts_val() -> None:
+    dm = DigitsDataModule(test_fraction=0.0)
+    assert (len(dm.train_dataset), len(dm.val_dataset), len(dm.test_dataset)) == (1438, 359, 0)
+    with pytest.raises(ValueError, match=r"test_fraction=0\) has no test split"):
+        dm.test_dataloader()
+    predict_y = torch.cat([y for _, y in dm.predict_dataloader()])
+    assert torch.equal(predict_y, dm.val_dataset.tensors[1])
 
 
 def test_digits_missing_sklearn_names_the_extra(monkeypatch) -> None:

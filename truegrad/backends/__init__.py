@@ -8,7 +8,7 @@ name                    what it does
 ``"nn"``                converts the model's modules to ``truegrad.nn`` in place
 ``"patch_torch"``       patches torch's classes/functionals, then converts in place
 ``"patch_model"``       turns parameters into ``TrueGradParameter`` in place
-``"backpack"``          BackPack's ``SumGradSquared`` (extra ``truegrad[backpack]``)
+``"backpack"``          BackPack's ``SumGradSquared`` (``backpack-for-pytorch``, installed with ``--no-deps``)
 ======================  =======================================================
 """
 

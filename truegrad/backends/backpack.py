@@ -1,6 +1,8 @@
 """``backend="backpack"``: BackPack's ``SumGradSquared`` behind truegrad's backend interface.
 
-Needs the optional dependency ``backpack-for-pytorch`` (``pip install 'truegrad[backpack]'``);
+Needs the optional dependency ``backpack-for-pytorch``, installed without its dependencies
+(``pip install --no-deps 'backpack-for-pytorch>=1.7' einops unfoldNd``: it declares
+torchvision, which would replace a CPU torch by a CUDA build);
 importing this module does not, using the backend does. Usage::
 
     backend = get_backend("backpack")
@@ -559,7 +561,7 @@ class BackPackBackend(Backend):
 
     Raises:
         ModuleNotFoundError: on construction if ``backpack-for-pytorch`` is not installed,
-            naming ``pip install 'truegrad[backpack]'``.
+            naming the command that installs it without touching torch.
     """
 
     name = "backpack"

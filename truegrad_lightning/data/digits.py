@@ -90,12 +90,16 @@ class DigitsDataModule(LightningDataModule):
     ``floor(test_fraction * 1797 + 0.5)``, every class contributing its share rounded by the
     largest-remainder rule. Sizes:
 
-    * defaults (``val_fraction=0.2, test_fraction=0.0``): train 1438 / val 359 / test 0;
-    * ``val_fraction=0.1, test_fraction=0.2``: train 1258 / val 180 / test 359.
+    * defaults (``val_fraction=0.2, test_fraction=0.2``): train 1079 / val 359 / test 359;
+    * ``val_fraction=0.1, test_fraction=0.2``: train 1258 / val 180 / test 359;
+    * ``val_fraction=0.2, test_fraction=0.0``: train 1438 / val 359 / test 0.
 
-    With ``test_fraction=0`` there is no test split: :meth:`test_dataloader` (and
-    :meth:`predict_dataloader`) use the **validation** split. Otherwise
-    :meth:`predict_dataloader` uses the test split.
+    The three splits are disjoint: the validation split, which picks the best checkpoint,
+    is never the split that ``test`` reports. :meth:`test_dataloader` and
+    :meth:`predict_dataloader` give the test split. With ``test_fraction=0`` there is no
+    test split: :meth:`test_dataloader` raises ``ValueError`` (testing on the validation
+    split would report the numbers that chose the checkpoint), while
+    :meth:`predict_dataloader` gives the validation split.
 
     :meth:`train_dataloader` shuffles with a ``torch.Generator`` seeded with ``seed``: the
     order of every epoch is deterministic for a fixed ``seed`` (each epoch still differs
@@ -110,7 +114,7 @@ class DigitsDataModule(LightningDataModule):
         batch_size: samples per batch for every loader (>= 1).
         val_fraction: fraction of the images in the validation split, in (0, 1).
         test_fraction: fraction of the images in the test split, in [0, 1);
-            ``val_fraction + test_fraction`` must be < 1.
+            ``val_fraction + test_fraction`` must be < 1; 0 means no test split.
         seed: seeds the split and the training-loader shuffle.
         flatten: give inputs of shape ``(64,)`` instead of ``(1, 8, 8)``.
         num_workers: ``DataLoader`` worker processes (>= 0).
@@ -123,7 +127,7 @@ class DigitsDataModule(LightningDataModule):
         self,
         batch_size: int = 64,
         val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
+        test_fraction: float = 0.2,
         seed: int = 0,
         flatten: bool = False,
         num_workers: int = 0,
@@ -215,10 +219,18 @@ class DigitsDataModule(LightningDataModule):
         return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches; the validation split when ``test_fraction == 0``."""
+        """Test batches, in split order; ``ValueError`` when ``test_fraction == 0``."""
         test = self.test_dataset
-        return self._loader(test if len(test) else self.val_dataset)
+        if not len(test):
+            raise ValueError(
+                "DigitsDataModule(test_fraction=0) has no test split, and testing on the "
+                "validation split would report the numbers that picked the checkpoint: set "
+                "data.init_args.test_fraction > 0 (default 0.2) and train again, or run "
+                "`validate` instead"
+            )
+        return self._loader(test)
 
     def predict_dataloader(self) -> DataLoader:
-        """Same batches as :meth:`test_dataloader` (test split, else validation split)."""
-        return self.test_dataloader()
+        """Test batches, in split order (the validation split when ``test_fraction == 0``)."""
+        test = self.test_dataset
+        return self._loader(test if len(test) else self.val_dataset)

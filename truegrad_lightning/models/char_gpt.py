@@ -70,7 +70,9 @@ class CharGPT(TrueGradModule):
     ``forward(ids)`` maps token ids ``(B, T)``, ``T <= block_size``, to logits
     ``(B, T, vocab_size)``. The loss is the mean next-character cross-entropy over all
     ``B*T`` positions; ``train_loss``/``val_loss``/``test_loss`` are logged in nats and
-    ``val_bpc`` in bits per character (``val_loss / ln 2``).
+    ``val_bpc`` in bits per character (``val_loss / ln 2``); validation and test metrics
+    are averaged over all ranks under DDP (``sync_dist=True``). ``predict`` writes
+    :meth:`prediction_rows` (see :class:`~truegrad_lightning.predictions.PredictionCSVWriter`).
 
     Position embeddings are looked up with positions expanded to ``(B, T)``, so every
     sample owns its rows of the embedding's gradient (each backend computes the exact
@@ -192,20 +194,56 @@ class CharGPT(TrueGradModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True)
-        self.log("val_bpc", loss / math.log(2))
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val_bpc", loss / math.log(2), sync_dist=True)
         return loss
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("test_loss", loss)
-        self.log("test_bpc", loss / math.log(2))
+        self.log("test_loss", loss, sync_dist=True)
+        self.log("test_bpc", loss / math.log(2), sync_dist=True)
         return loss
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Greedy next-character ids ``(B, T)`` for each position of the inputs."""
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(ids).argmax(-1)
+
+    @torch.no_grad()
+    def prediction_rows(
+        self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, predictions: torch.Tensor
+    ) -> list[dict[str, str | float]]:
+        """One row per window for :class:`~truegrad_lightning.predictions.PredictionCSVWriter`:
+        ``context`` (the window's last 32 characters), ``target`` (the character that
+        follows it, when the batch has targets), ``predicted`` (the greedy next character)
+        and ``probability`` (its probability), and ``accuracy`` (the fraction of the
+        window's positions whose greedy next character is right). Characters are decoded
+        with the Trainer's datamodule's ``decode`` (ids as numbers without one); newlines,
+        tabs and backslashes are escaped (``\\n``, ``\\t``, ``\\\\``)."""
+        has_targets = isinstance(batch, (tuple, list)) and len(batch) > 1
+        ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = torch.softmax(self(ids)[:, -1].float(), dim=-1)
+        last = predictions[:, -1].long()
+        chosen = probs.gather(1, last[:, None])[:, 0].tolist()
+        trainer = self._trainer
+        decode = getattr(getattr(trainer, "datamodule", None), "decode", None)
+
+        def text(seq: torch.Tensor) -> str:
+            if decode is None:
+                return " ".join(str(i) for i in seq.tolist())
+            return decode(seq).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+        rows: list[dict[str, str | float]] = []
+        for i in range(len(ids)):
+            row: dict[str, str | float] = {"context": text(ids[i, -32:])}
+            if has_targets:
+                row["target"] = text(batch[1][i, -1:])
+            row["predicted"] = text(last[i : i + 1])
+            row["probability"] = round(chosen[i], 6)
+            if has_targets:
+                row["accuracy"] = round(float((predictions[i] == batch[1][i]).float().mean()), 6)
+            rows.append(row)
+        return rows
 
     @torch.no_grad()
     def generate(

@@ -30,7 +30,9 @@ class Classifier(TrueGradModule):
     """Training, validation, test and predict steps of a classifier ``self.net``.
 
     ``batch`` is ``(inputs, targets)`` with integer targets ``(N,)``; ``predict_step``
-    returns the predicted classes ``(N,)``.
+    returns the predicted classes ``(N,)``, and :meth:`prediction_rows` the rows ``predict``
+    writes to its CSV file. ``val_loss``/``test_loss`` are averaged over all ranks under DDP
+    (``sync_dist=True``), as the accuracies are.
     """
 
     net: nn.Module
@@ -59,7 +61,12 @@ class Classifier(TrueGradModule):
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
         accuracy(logits.detach(), y)
         on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        # validation/test losses are averaged over every rank (DDP); the accuracy metric
+        # object syncs itself when it is computed at the end of the epoch
+        self.log(
+            f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+            sync_dist=stage != "train",
+        )
         self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -75,6 +82,25 @@ class Classifier(TrueGradModule):
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(-1)
+
+    @torch.no_grad()
+    def prediction_rows(
+        self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, predictions: torch.Tensor
+    ) -> list[dict[str, int | float]]:
+        """One row per sample for :class:`~truegrad_lightning.predictions.PredictionCSVWriter`:
+        ``target`` (when the batch has targets), ``predicted`` (the class ``predict_step``
+        returned) and ``probability`` (its softmax probability)."""
+        has_targets = isinstance(batch, (tuple, list)) and len(batch) > 1
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = torch.softmax(self(x).float(), dim=-1)
+        predicted = predictions.reshape(-1).long()
+        chosen = probs.gather(1, predicted[:, None])[:, 0].tolist()
+        rows: list[dict[str, int | float]] = []
+        for i, (cls, p) in enumerate(zip(predicted.tolist(), chosen)):
+            row: dict[str, int | float] = {"target": int(batch[1][i])} if has_targets else {}
+            row.update(predicted=cls, probability=round(p, 6))
+            rows.append(row)
+        return rows
 
 
 class MLPClassifier(Classifier):

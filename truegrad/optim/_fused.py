@@ -52,7 +52,8 @@ from typing import Any
 import torch
 
 from truegrad.optim import _native
-from truegrad.optim._functional import _multi_tensor_tgadamw, _pick, _step_scalars
+from truegrad.optim._functional import _multi_tensor_tgadamw
+from truegrad.optim._helpers import _pick, _step_scalars
 
 __all__ = ["MIN_NUMEL", "NATIVE_CPU", "compiled_kernels"]
 

@@ -1,6 +1,7 @@
 """TGAdamW step on CPU with a small C kernel (OpenMP), loaded through ``ctypes``.
 
-The kernel is plain C11 with no torch headers: it is compiled once with the system C
+The kernel (``kernels/tgadamw.c`` and ``kernels/tgadamw_body.h``, shipped in the package)
+is plain C11 with no torch headers: it is compiled once with the system C
 compiler (``cc -O3 -march=native -fopenmp``; about a second) into the torch extensions
 directory (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), under a name
 that hashes everything that changes the binary (``_cache_key``): the source, the exact
@@ -77,7 +78,8 @@ import torch
 import torch._appdirs
 from torch.autograd.graph import increment_version
 
-from truegrad.optim._functional import _pick, _single_tensor_tgadamw, _step_scalars
+from truegrad.optim._functional import _single_tensor_tgadamw
+from truegrad.optim._helpers import _pick, _step_scalars
 
 __all__ = ["library", "build_seconds", "PAR_MIN"]
 
@@ -86,130 +88,25 @@ Tensor = torch.Tensor
 #: Loops over fewer elements run on one thread (OpenMP's fork/join costs more).
 PAR_MIN = 1 << 16
 
-_BODY = r"""
-/* h: scalar arguments, see _native.py */
-static void moments_norms_SUF(int64_t n, const T *g, const T *s, T *m, T *v, T *u,
-                       double sign_, double w1_, double b2_, double w2_, double w3_,
-                       double eps_v_, double eps_u_, double *out, int nt) {
-    const T sign = (T)sign_, w1 = (T)w1_, b2 = (T)b2_, w2 = (T)w2_, w3 = (T)w3_;
-    const T eps_v = (T)eps_v_, eps_u = (T)eps_u_;
-    /* per-thread partial sums, added in thread order afterwards: an OpenMP reduction
-       combines them in arrival order, which would make the step nondeterministic */
-    double part[2 * MAXT];
-    if (nt > MAXT) nt = MAXT;
-    for (int t = 0; t < 2 * nt; t++) part[t] = 0.0;
-    #pragma omp parallel num_threads(nt) if(n >= PAR_MIN)
-    {
-        int me = omp_get_thread_num(), count = omp_get_num_threads();
-        int64_t chunk = (n + count - 1) / count, lo = me * chunk;
-        int64_t hi = lo + chunk < n ? lo + chunk : n;
-        double sa = 0.0, st = 0.0;
-        #pragma omp simd reduction(+:sa, st)
-        for (int64_t i = lo; i < hi; i++) {
-            T gi = g[i] * sign;
-            T mi = LERP(m[i], gi, w1);
-            T vi = v[i] * b2 + w2 * gi * gi;
-            T ui = LERP(u[i], s[i], w3);
-            m[i] = mi; v[i] = vi; u[i] = ui;
-            T a = mi / MAXN(SQRT(vi), eps_v);
-            T t = mi / MAXN(SQRT(ui), eps_u);
-            sa += (double)a * (double)a;
-            st += (double)t * (double)t;
-        }
-        part[2 * me] = sa; part[2 * me + 1] = st;
-    }
-    double sa = 0.0, st = 0.0;
-    for (int t = 0; t < nt; t++) { sa += part[2 * t]; st += part[2 * t + 1]; }
-    out[0] = sa; out[1] = st;
-}
-
-static void apply_true_SUF(int64_t n, T *p, const T *m, const T *u,
-                    double decay_, double eps_u_, double coef_, int nt) {
-    const T decay = (T)decay_, eps_u = (T)eps_u_, coef = (T)coef_;
-    #pragma omp parallel for simd num_threads(nt) if(n >= PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        T t = m[i] / MAXN(SQRT(u[i]), eps_u);
-        p[i] = p[i] * decay + coef * t;
-    }
-}
-
-static void step_true_SUF(int64_t n, T *p, const T *g, const T *s, T *m, T *v, T *u,
-                   double sign_, double w1_, double b2_, double w2_, double w3_,
-                   double eps_u_, double decay_, double coef_, int nt) {
-    const T sign = (T)sign_, w1 = (T)w1_, b2 = (T)b2_, w2 = (T)w2_, w3 = (T)w3_;
-    const T eps_u = (T)eps_u_, decay = (T)decay_, coef = (T)coef_;
-    #pragma omp parallel for simd num_threads(nt) if(n >= PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        T gi = g[i] * sign;
-        T mi = LERP(m[i], gi, w1);
-        T ui = LERP(u[i], s[i], w3);
-        m[i] = mi; v[i] = v[i] * b2 + w2 * gi * gi; u[i] = ui;
-        p[i] = p[i] * decay + coef * (mi / MAXN(SQRT(ui), eps_u));
-    }
-}
-
-static void step_adam_SUF(int64_t n, T *p, const T *g, T *m, T *v,
-                   double sign_, double w1_, double b2_, double w2_,
-                   double eps_v_, double decay_, double coef_, int nt) {
-    const T sign = (T)sign_, w1 = (T)w1_, b2 = (T)b2_, w2 = (T)w2_;
-    const T eps_v = (T)eps_v_, decay = (T)decay_, coef = (T)coef_;
-    #pragma omp parallel for simd num_threads(nt) if(n >= PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        T gi = g[i] * sign;
-        T mi = LERP(m[i], gi, w1);
-        T vi = v[i] * b2 + w2 * gi * gi;
-        m[i] = mi; v[i] = vi;
-        p[i] = p[i] * decay + coef * (mi / MAXN(SQRT(vi), eps_v));
-    }
-}
-
-/* One step over k tensors of one dtype. s[j] == NULL: AdamW update of tensor j. */
-void tgadamw_SUF(int64_t k, const int64_t *n, T **p, T **g, T **s, T **m, T **v, T **u,
-                 const double *eps_v, const double *eps_u, const double *k_v, const double *k_u,
-                 double sign, double w1, double b2, double w2, double w3, double decay,
-                 double lr, double eps, int graft, int nt) {
-    double sums[2];
-    for (int64_t j = 0; j < k; j++) {
-        if (s[j] == 0) {
-            step_adam_SUF(n[j], p[j], g[j], m[j], v[j], sign, w1, b2, w2, eps_v[j], decay,
-                          -lr * k_v[j], nt);
-        } else if (graft) {
-            moments_norms_SUF(n[j], g[j], s[j], m[j], v[j], u[j], sign, w1, b2, w2, w3,
-                              eps_v[j], eps_u[j], sums, nt);
-            /* lr * true * ||adam|| / (||true|| + eps), with k_v, k_u folded in (_StepScalars) */
-            double coef = -lr * k_v[j] * (sqrt(sums[0]) / (sqrt(sums[1]) + eps / k_u[j]));
-            apply_true_SUF(n[j], p[j], m[j], u[j], decay, eps_u[j], coef, nt);
-        } else {
-            step_true_SUF(n[j], p[j], g[j], s[j], m[j], v[j], u[j], sign, w1, b2, w2, w3,
-                          eps_u[j], decay, -lr * k_u[j], nt);
-        }
-    }
-}
-"""
-
-# torch's lerp (weight < 0.5: a + w*(b-a), else b - (b-a)*(1-w)); max that keeps a NaN
-# in its first argument, as clamp_min does.
-_HEADER = r"""
-#include <stdint.h>
-#include <math.h>
-#include <omp.h>
-#define PAR_MIN %d
-#define MAXT 256
-#define LERP(a, b, w) ((w) < (T)0.5 ? (a) + (w) * ((b) - (a)) : (b) - ((b) - (a)) * ((T)1 - (w)))
-#define MAXN(x, e) ((x) < (e) ? (e) : (x))
-""" % PAR_MIN
+#: The kernel's source files, shipped in the package (``truegrad/optim/kernels``):
+#: ``tgadamw.c`` instantiates ``tgadamw_body.h`` for float and double.
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+_SOURCES = ("tgadamw.c", "tgadamw_body.h")
 
 
 def _source() -> str:
-    parts = [_HEADER]
-    for ctype, suffix, sqrt in (("float", "f32", "sqrtf"), ("double", "f64", "sqrt")):
-        parts.append(f"#define T {ctype}\n#define SQRT {sqrt}\n")
-        parts.append(_BODY.replace("_SUF", "_" + suffix))
-        parts.append("#undef T\n#undef SQRT\n")
+    """The kernel's source text (both files), as hashed into the cache key."""
+    parts = []
+    for name in _SOURCES:
+        with open(os.path.join(KERNEL_DIR, name)) as f:
+            parts.append(f"/* {name} */\n{f.read()}")
     return "".join(parts)
 
 
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c11", "-shared", "-fPIC"]
+_CFLAGS = [
+    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c11", "-shared", "-fPIC",
+    f"-DPAR_MIN={PAR_MIN}",
+]
 
 _P, _D = ctypes.c_void_p, ctypes.c_double
 _ARGTYPES = [ctypes.c_int64] + [_P] * 11 + [_D] * 8 + [ctypes.c_int, ctypes.c_int]
@@ -324,9 +221,9 @@ def _cache_path(compiler: str) -> str:
 def _build(compiler: str, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-        src = os.path.join(tmp, "tgadamw.c")
-        with open(src, "w") as f:
-            f.write(_source())
+        for name in _SOURCES:
+            shutil.copyfile(os.path.join(KERNEL_DIR, name), os.path.join(tmp, name))
+        src = os.path.join(tmp, _SOURCES[0])
         out = os.path.join(tmp, os.path.basename(path))
         subprocess.run(_command(compiler, src, out), check=True, capture_output=True, timeout=300)
         os.replace(out, path)  # atomic: concurrent processes never load a partial file

@@ -10,7 +10,9 @@ from torch.optim.optimizer import Optimizer, _get_foreach_kernels_supported_devi
 
 from truegrad import statistic
 from truegrad._validate import check_bool, check_number, describe
+from truegrad.optim import _decay_hooks
 from truegrad.optim._functional import _check_tensors, tgadamw
+from truegrad.optim.weight_decay import WeightDecayBase, check_weight_decay_cls
 
 __all__ = ["TGAdamW", "MissingStatisticError"]
 
@@ -74,19 +76,24 @@ class TGAdamW(Optimizer):
             instead of raising.
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``False``
             the single-tensor loop (on CPU in cache-sized chunks). ``None`` chooses as
-            ``torch.optim.AdamW`` does (foreach on CUDA and the like), except that on the
-            CPU, with ``fused=None``, it takes the C kernel of ``fused=True``, compiled on
-            the first step (about half a second, once per machine: it is cached on disk),
-            and quietly the single-tensor loop where no C compiler works
-            (``TRUEGRAD_NATIVE=0`` forces the loop).
+            ``torch.optim.AdamW`` does: foreach on CUDA and the like, the single-tensor
+            loop on the CPU (the fastest path there that needs no compiler; no C is
+            compiled unless ``fused=True`` asks for it).
         maximize: maximise the objective instead of minimising it.
         fused: use the fused implementation: on the CPU a small C kernel (OpenMP; two
             passes per grafted parameter, about 1.9x ``AdamW(fused=True)``) compiled with
             the system C compiler on first use (about a second, cached on disk under the
             torch extensions directory), or the ``torch.compile`` kernels where no
             compiler works; on other devices ``torch.compile`` kernels (one kernel pair per
-            parameter, compiled once per process). ``None`` means ``False`` apart from the
-            CPU default described under ``foreach``.
+            parameter, compiled once per process). ``None`` means ``False``.
+        default_to_baseline: the later name of ``default_to_adam`` (original TrueGrad
+            5.0.0); ``None``: not given. ``default_to_adam=True`` with
+            ``default_to_baseline=False`` is a ``ValueError``.
+        enforce_baseline: give every parameter the AdamW update, statistic or not
+            (original TrueGrad 5.0.0).
+        weight_decay_cls: a decay variant of :mod:`truegrad.optim.weight_decay`
+            (:math:`\theta \leftarrow \theta - \gamma\lambda d(\theta)` once per parameter
+            and step, before the update), or ``None`` for :math:`d(\theta) = \theta`.
 
     State per parameter: ``step`` (a 0-d CPU float32 tensor, as in ``torch.optim.Adam``),
     ``exp_avg`` (m), ``exp_avg_sq`` (v) and, once a statistic was seen,
@@ -120,6 +127,9 @@ class TGAdamW(Optimizer):
         maximize: bool = False,
         *,
         fused: bool | None = None,
+        default_to_baseline: bool | None = None,
+        enforce_baseline: bool = False,
+        weight_decay_cls: WeightDecayBase | None = None,
     ) -> None:
         defaults = _check_hyperparameters(
             dict(
@@ -128,15 +138,18 @@ class TGAdamW(Optimizer):
                 eps=eps,
                 weight_decay=weight_decay,
                 graft=graft,
-                default_to_adam=default_to_adam,
+                default_to_adam=_alias_default_to_adam(default_to_adam, default_to_baseline),
                 foreach=foreach,
                 maximize=maximize,
                 fused=fused,
+                enforce_baseline=enforce_baseline,
             )
         )
+        chain = check_weight_decay_cls("TGAdamW", weight_decay_cls)
         # every group and parameter is checked by add_param_group (called per group by
         # torch's constructor) before it is added
         super().__init__(_check_params(params), defaults)
+        _decay_hooks.install(self, chain)  # weight_decay_cls: see truegrad/optim/_decay_hooks.py
 
     # ------------------------------------------------------------------ groups/state
 
@@ -159,10 +172,15 @@ class TGAdamW(Optimizer):
         params = _group_params(param_group["params"])
         self._check_group_params(params)
         values = {k: param_group[k] for k in _HYPERPARAMETERS if k in param_group}
+        if "default_to_baseline" in param_group:  # the later name of default_to_adam
+            values["default_to_adam"] = _alias_default_to_adam(
+                param_group.get("default_to_adam", False), param_group["default_to_baseline"]
+            )
         inherited = {k: self.defaults[k] for k in ("foreach", "fused") if k in self.defaults}
         values = _check_hyperparameters(values, inherited)
         # everything checked: normalise the group in place, as torch does
         param_group["params"] = params
+        param_group.pop("default_to_baseline", None)
         param_group.update(values)
         super().add_param_group(param_group)
 
@@ -208,11 +226,18 @@ class TGAdamW(Optimizer):
                 )
             seen[id(entry)] = j
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "weight_decay_cls": self.__dict__.get("weight_decay_cls")}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict calls this too, without the chain: keep the one there is
+        chain = state.pop("weight_decay_cls", self.__dict__.get("weight_decay_cls"))
         super().__setstate__(state)
+        _decay_hooks.install(self, chain)
         for group in self.param_groups:
             group.setdefault("graft", True)
             group.setdefault("default_to_adam", False)
+            group.setdefault("enforce_baseline", False)
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
@@ -268,7 +293,7 @@ class TGAdamW(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
-            stat = statistic.get(p)
+            stat = None if group["enforce_baseline"] else statistic.get(p)
             if stat is not None and "exp_avg_true_sq" not in state:
                 state["exp_avg_true_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
             params.append(p)
@@ -311,7 +336,7 @@ class TGAdamW(Optimizer):
         index = 0
         for group in self.param_groups:
             names = group.get("param_names")
-            check = include_default_to_adam or not group["default_to_adam"]
+            check = include_default_to_adam or not (group["default_to_adam"] or group["enforce_baseline"])
             for j, p in enumerate(group["params"]):
                 if check and p.grad is not None and not statistic.has(p):
                     missing.append(_describe(p, index + j, names[j] if names else None))
@@ -373,11 +398,10 @@ class TGAdamW(Optimizer):
             if not params:
                 continue
             foreach, fused = group["foreach"], group["fused"]
-            native_default = False
             if foreach is None and not fused:
+                # torch's choice: foreach where its kernels exist; on the CPU the chunked
+                # single-tensor loop (the fastest path that needs no compiler)
                 foreach = _default_foreach(params)
-                # the default on CPU: the C kernel (see _native.py)
-                native_default = not foreach and fused is None
             beta1, beta2, beta3 = group["betas"]
             tgadamw(
                 params,
@@ -397,7 +421,6 @@ class TGAdamW(Optimizer):
                 weight_decay=group["weight_decay"],
                 graft=group["graft"],
                 maximize=group["maximize"],
-                native_default=native_default,
                 describe=describe,
             )
         return loss
@@ -424,7 +447,25 @@ def _describe(p: torch.Tensor, index: int, name: str | None) -> str:
 
 _HYPERPARAMETERS = (
     "lr", "betas", "eps", "weight_decay", "graft", "default_to_adam", "foreach", "maximize", "fused",
+    "enforce_baseline",
 )
+
+
+def _alias_default_to_adam(default_to_adam: Any, default_to_baseline: Any) -> bool:
+    """``default_to_adam`` and its later name ``default_to_baseline`` (``None``: not given). As
+    ``default_to_adam`` defaults to ``False``, only ``default_to_adam=True`` with
+    ``default_to_baseline=False`` is told apart as a conflict."""
+    adam = check_bool("TGAdamW", "default_to_adam", default_to_adam)
+    baseline = check_bool("TGAdamW", "default_to_baseline", default_to_baseline, allow_none=True)
+    if baseline is None:
+        return bool(adam)
+    if adam and not baseline:
+        raise ValueError(
+            "TGAdamW: default_to_baseline and default_to_adam are two names of one switch "
+            "(default_to_adam is its older name); give one, or both equal, got "
+            f"default_to_baseline={default_to_baseline!r} and default_to_adam={default_to_adam!r}"
+        )
+    return bool(baseline)
 
 
 def _check_hyperparameters(values: dict[str, Any], inherited: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from torch.optim.optimizer import Optimizer, _get_foreach_kernels_supported_devi
 
 from truegrad import statistic
 from truegrad._validate import check_bool, check_number, describe
+from truegrad.optim._helpers import _keep_float32_state
 from truegrad.optim.tgadamw import MissingStatisticError
 from truegrad.optim.weight_decay import (
     WeightDecayBase,
@@ -134,16 +135,7 @@ class TrueGradFamily(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, keeping float32 moments of low-precision parameters in float32."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for p, saved_id in zip(params, saved_ids):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None or p.dtype not in (torch.float16, torch.bfloat16):
-                continue
-            for key in self._true_keys + self._base_keys + self._shared_keys:
-                value = saved.get(key)
-                if isinstance(value, torch.Tensor) and value.dtype != p.dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        _keep_float32_state(self, state_dict, self._true_keys + self._base_keys + self._shared_keys)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and the statistic ``sum_grad_squared`` of every parameter."""

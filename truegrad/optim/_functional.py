@@ -78,7 +78,6 @@ __all__ = ["tgadamw"]
 Tensor = torch.Tensor
 
 
-
 # ----------------------------------------------------------------- single tensor
 
 def _single_tensor_tgadamw(

@@ -12,7 +12,9 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["_StepScalars", "_check_tensors", "_describe_position", "_pick", "_step_scalars"]
+__all__ = [
+    "_StepScalars", "_check_tensors", "_describe_position", "_keep_float32_state", "_pick", "_step_scalars",
+]
 
 
 class _StepScalars(NamedTuple):
@@ -117,3 +119,21 @@ def _check_tensors(
                 )
 
 
+
+
+def _keep_float32_state(
+    optimizer: torch.optim.Optimizer, state_dict: dict, keys: tuple[str, ...]
+) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict``: put back the float32 (or float64)
+    moments ``keys`` of bf16/fp16 parameters, which torch's loader cast to the parameter's
+    dtype (losing bits)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    for p, saved_id in zip(params, saved_ids):
+        saved = state_dict["state"].get(saved_id)
+        if saved is None or p.dtype not in (torch.float16, torch.bfloat16):
+            continue
+        for key in keys:
+            value = saved.get(key)
+            if isinstance(value, torch.Tensor) and value.dtype != p.dtype:
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)

@@ -12,6 +12,7 @@ from truegrad import statistic
 from truegrad._validate import check_bool, check_number, describe
 from truegrad.optim import _decay_hooks
 from truegrad.optim._functional import _check_tensors, tgadamw
+from truegrad.optim._helpers import _keep_float32_state
 from truegrad.optim.weight_decay import WeightDecayBase, check_weight_decay_cls
 
 __all__ = ["TGAdamW", "MissingStatisticError"]
@@ -252,16 +253,7 @@ class TGAdamW(Optimizer):
         low-precision parameters in float32 (torch's loader casts them to the
         parameter's dtype, which would lose bits)."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for p, saved_id in zip(params, saved_ids):
-            saved = state_dict["state"].get(saved_id)
-            if saved is None or p.dtype not in (torch.float16, torch.bfloat16):
-                continue
-            for key in _STATE_KEYS:
-                value = saved.get(key)
-                if isinstance(value, torch.Tensor) and value.dtype != p.dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        _keep_float32_state(self, state_dict, _STATE_KEYS)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients as ``torch.optim.Optimizer`` does, and always clear
